@@ -1,0 +1,10 @@
+//! nixfleet-agent: a host agent for the NixFleet dashboard.
+//!
+//! The binary in `main.rs` only calls [`cli::main`]. Everything else lives here so the
+//! integration tests and the benchmark can reach the pure parts (config validation, backoff,
+//! wire types) without a process in between. See ARCHITECTURE.md for the code map.
+
+pub mod exec;
+pub mod exit;
+pub mod lock;
+pub mod supervisor;

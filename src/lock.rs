@@ -1,0 +1,1 @@
+//! Instance lock (STUB: being written).

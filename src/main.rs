@@ -1,0 +1,2 @@
+//! Entry point: everything happens in [`nixfleet_agent::cli::main`].
+fn main() {}

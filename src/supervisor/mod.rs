@@ -1,0 +1,1 @@
+//! Supervisor integration (STUB: being written).

@@ -1,33 +1,77 @@
-//! The one constructor for every child process the agent starts (STUB: being written).
+//! The one constructor for every child process the agent starts.
 //!
-//! API contract (fixed; the implementation fills it in):
-//! - [`Runner::new`] computes the allowlisted child environment once.
-//! - [`Runner::run`] spawns a [`Cmd`] in its own process group, stdin /dev/null, explicit cwd,
-//!   cleared env + allowlist + `Cmd::env`, stdout+stderr captured together with a memory cap
-//!   (head + tail), enforces `Cmd::timeout` (SIGTERM to the group, grace, SIGKILL to the group),
-//!   honours the cancellation token the same way, and never blocks on a grandchild that keeps
-//!   the pipe open.
+//! Every `git`, `nixos-rebuild`, `home-manager` and test script goes through [`Runner::run`],
+//! which gives each child:
+//! - its own process group, so SIGTERM/SIGKILL reach the whole tree with one `killpg`;
+//! - stdin from /dev/null (nothing may wait for a terminal) and an explicit working directory;
+//! - a cleared environment plus an allowlist computed once in [`Runner::new`] (see `env.rs`):
+//!   no `NIXFLEET_*` secret or systemd plumbing ever reaches a child;
+//! - stdout and stderr on one pipe, in the order the child wrote them, kept within a memory cap
+//!   (head + tail, see `capture.rs`) and logged line by line at debug level under the target
+//!   `nixfleet_agent::child`;
+//! - a deadline: SIGTERM to the group, `kill_grace`, SIGKILL to the group. The cancellation
+//!   token (agent shutdown) does the same. Dropping the `run` future SIGKILLs the group.
+//!
+//! When the direct child exits on its own, whatever is left in its group is SIGKILLed too, and
+//! the output pipe is read for at most [`PIPE_DRAIN_BOUND`] more, so a grandchild that keeps
+//! the pipe open can never hang the agent.
+//!
+//! Limitation: a grandchild that calls `setsid`/`setpgid` (a daemon, `git gc --auto` detaching,
+//! `setsid foo &`) leaves the group and is not killed here; `run` still returns promptly. On
+//! systemd hosts the unit's `KillMode=control-group` collects such escapees when the agent
+//! stops. A process stuck in uninterruptible sleep cannot be killed by anyone; `run` gives up
+//! waiting for it after [`KILL_REAP_BOUND`] and a background thread reaps it later.
+//!
+//! `clippy.toml` forbids `Command::new` everywhere else, so this module is the only place that
+//! decides these things. Mechanics that depend on the platform live in `unix.rs`.
 
-use std::ffi::OsString;
-use std::path::PathBuf;
-use std::time::Duration;
+mod capture;
+mod env;
+#[cfg(test)]
+mod tests;
+#[cfg(unix)]
+mod unix;
+#[cfg(unix)]
+use unix as sys;
 
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
 use tokio_util::sync::CancellationToken;
+
+use capture::Capture;
 
 /// How much captured output to keep in memory (head + tail) per child.
 pub const DEFAULT_OUTPUT_CAP: usize = 256 * 1024;
 
+/// How long to keep reading output after the child exited and its group was killed. Processes
+/// still in the group are dead by then; only an escapee (see the module docs) can hold the
+/// pipe longer, and its output is not worth waiting for.
+pub const PIPE_DRAIN_BOUND: Duration = Duration::from_millis(100);
+
+/// How long to wait for the kernel to deliver a SIGKILL before `run` returns anyway.
+pub const KILL_REAP_BOUND: Duration = Duration::from_secs(5);
+
 /// Builds and runs child processes. Cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Runner {
     kill_grace: Duration,
     output_cap: usize,
+    /// The allowlisted environment, computed once: the agent's own environment does not change
+    /// while it runs, and filtering it per child would only repeat the same work.
+    env: Arc<[(OsString, OsString)]>,
 }
 
 /// One child process to run.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Cmd {
-    /// Program name (looked up in PATH) or path.
+    /// Program name (looked up in PATH) or path. A relative path with a `/` is relative to
+    /// [`Cmd::cwd`], as it would be for `cd cwd && ./program`.
     pub program: OsString,
     pub args: Vec<OsString>,
     /// Working directory; always explicit.
@@ -36,17 +80,22 @@ pub struct Cmd {
     pub timeout: Duration,
     /// Human label used in logs and timeout messages, e.g. "git pull", "Switch", "T03-hang".
     pub label: String,
-    /// Extra environment on top of the allowlist (e.g. GIT_SSH_COMMAND).
+    /// Extra environment on top of the allowlist (e.g. GIT_SSH_COMMAND). Names the allowlist
+    /// denies (`NIXFLEET_*`, `NOTIFY_SOCKET`, ...) are dropped here too, with a warning.
     pub env: Vec<(OsString, OsString)>,
 }
 
 /// How a child ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Exit {
+    /// Normal exit. -1 if the status could not be collected (something else in the agent
+    /// reaped the child, which should never happen).
     Code(i32),
     Signal(i32),
     /// Killed by the runner after `Cmd::timeout`.
-    TimedOut { after: Duration },
+    TimedOut {
+        after: Duration,
+    },
     /// Killed by the runner because the cancellation token fired (agent shutdown).
     Cancelled,
 }
@@ -112,6 +161,23 @@ impl Cmd {
     }
 }
 
+/// Values of `Cmd::env` are left out: they may hold credentials (an ssh command with a key).
+impl fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cmd")
+            .field("program", &self.program)
+            .field("args", &self.args)
+            .field("cwd", &self.cwd)
+            .field("timeout", &self.timeout)
+            .field("label", &self.label)
+            .field(
+                "env_keys",
+                &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
 impl Outcome {
     pub fn success(&self) -> bool {
         self.exit == Exit::Code(0)
@@ -129,11 +195,40 @@ impl Outcome {
     }
 }
 
+/// The environment is never printed, only how many variables it has.
+impl fmt::Debug for Runner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runner")
+            .field("kill_grace", &self.kill_grace)
+            .field("output_cap", &self.output_cap)
+            .field("env_vars", &self.env.len())
+            .finish()
+    }
+}
+
+/// Why the wait for the child ended.
+enum Stop {
+    Exited(Result<io::Result<std::process::ExitStatus>, tokio::sync::oneshot::error::RecvError>),
+    Deadline,
+    Cancelled,
+}
+
 impl Runner {
+    /// A runner whose children get the allowlisted part of the agent's own environment.
     pub fn new(kill_grace: Duration) -> Self {
+        Self::from_parent_env(kill_grace, std::env::vars_os())
+    }
+
+    /// Like [`Runner::new`] with `parent` standing in for the agent's environment, so tests can
+    /// check the allowlist without mutating the (process-wide) real one.
+    pub fn from_parent_env(
+        kill_grace: Duration,
+        parent: impl IntoIterator<Item = (OsString, OsString)>,
+    ) -> Self {
         Runner {
             kill_grace,
             output_cap: DEFAULT_OUTPUT_CAP,
+            env: env::allowlisted(parent).into(),
         }
     }
 
@@ -147,11 +242,282 @@ impl Runner {
     }
 
     /// Runs `cmd` to completion, timeout or cancellation.
+    ///
+    /// Needs a tokio runtime with I/O and time enabled. The returned future is `Send`; dropping
+    /// it SIGKILLs the child's process group.
     pub async fn run(&self, cmd: Cmd, cancel: &CancellationToken) -> Result<Outcome, SpawnError> {
-        let _ = (cmd, cancel, self.output_cap);
-        Err(SpawnError::NotFound {
-            program: "stub".into(),
-            path: String::new(),
+        let started = Instant::now();
+        if cancel.is_cancelled() {
+            // Shutting down: starting a process only to kill it would just slow the exit.
+            return Ok(Outcome {
+                exit: Exit::Cancelled,
+                output: String::new(),
+                duration: started.elapsed(),
+            });
+        }
+        let deadline = tokio::time::Instant::now().checked_add(cmd.timeout);
+        let (child, mut pipe) = self.spawn(&cmd)?;
+        let pid = child.id();
+        let group = Arc::new(sys::Group::new(pid));
+        let _kill_on_drop = KillOnDrop(Arc::clone(&group));
+        let mut reaped =
+            sys::spawn_reaper(child, Arc::clone(&group)).map_err(|source| SpawnError::Io {
+                program: cmd.program.to_string_lossy().into_owned(),
+                source,
+            })?;
+        tracing::debug!(label = %cmd.label, pid, program = ?cmd.program, "child started");
+
+        let mut capture = Capture::new(self.output_cap, &cmd.label);
+        let expired = sleep_until(deadline);
+        let cancelled = cancel.cancelled();
+        tokio::pin!(expired, cancelled);
+        let stop = loop {
+            tokio::select! {
+                // An exit that races the deadline counts as an exit.
+                biased;
+                status = &mut reaped => break Stop::Exited(status),
+                () = &mut cancelled => break Stop::Cancelled,
+                () = &mut expired => break Stop::Deadline,
+                () = pipe.read_into(&mut capture), if !pipe.eof() => {}
+            }
+        };
+
+        let exit = match stop {
+            Stop::Exited(status) => exit_from(status, &cmd.label, pid),
+            Stop::Deadline => {
+                tracing::info!(
+                    label = %cmd.label, pid, timeout = ?cmd.timeout,
+                    "child timed out; terminating its process group"
+                );
+                self.terminate(&group, &mut reaped, &mut pipe, &mut capture, &cmd.label)
+                    .await;
+                Exit::TimedOut { after: cmd.timeout }
+            }
+            Stop::Cancelled => {
+                tracing::info!(
+                    label = %cmd.label, pid,
+                    "agent shutting down; terminating the child's process group"
+                );
+                self.terminate(&group, &mut reaped, &mut pipe, &mut capture, &cmd.label)
+                    .await;
+                Exit::Cancelled
+            }
+        };
+
+        let drained = tokio::time::timeout(PIPE_DRAIN_BOUND, async {
+            while !pipe.eof() {
+                pipe.read_into(&mut capture).await;
+            }
         })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                label = %cmd.label, pid,
+                "a process that left the child's process group still holds its output; \
+                 stopped reading it"
+            );
+        }
+        let duration = started.elapsed();
+        tracing::debug!(
+            label = %cmd.label, pid, exit = ?exit, duration_ms = duration.as_millis() as u64,
+            "child finished"
+        );
+        Ok(Outcome {
+            exit,
+            output: capture.finish(),
+            duration,
+        })
+    }
+
+    /// SIGTERM to the group, wait `kill_grace` for the leader, SIGKILL to the group, wait for
+    /// the reaper. Output keeps being captured meanwhile (the last lines say why it hung).
+    async fn terminate(
+        &self,
+        group: &sys::Group,
+        reaped: &mut sys::Reaped,
+        pipe: &mut sys::OutputPipe,
+        capture: &mut Capture,
+        label: &str,
+    ) {
+        group.signal(Signal::SIGTERM);
+        if wait_reaped(reaped, pipe, capture, self.kill_grace).await {
+            return;
+        }
+        tracing::info!(
+            label, pgid = group.pgid(), grace = ?self.kill_grace,
+            "child ignored SIGTERM; killing its process group"
+        );
+        group.signal(Signal::SIGKILL);
+        if !wait_reaped(reaped, pipe, capture, KILL_REAP_BOUND).await {
+            tracing::warn!(
+                label,
+                pgid = group.pgid(),
+                "child still not gone {KILL_REAP_BOUND:?} after SIGKILL (uninterruptible \
+                 sleep?); leaving it to a background thread"
+            );
+        }
+    }
+
+    /// Resolves the program, opens the pipe and starts the child. Synchronous on purpose: the
+    /// `Command` holds the pipe's write ends and must be gone before the first read, or the
+    /// pipe never reports end-of-file.
+    fn spawn(&self, cmd: &Cmd) -> Result<(std::process::Child, sys::OutputPipe), SpawnError> {
+        let program_name = || cmd.program.to_string_lossy().into_owned();
+        let io_err = |source| SpawnError::Io {
+            program: program_name(),
+            source,
+        };
+        let extra: Vec<(OsString, OsString)> = cmd
+            .env
+            .iter()
+            .filter(|(key, _)| {
+                let denied = env::is_denied(key);
+                if denied {
+                    tracing::warn!(label = %cmd.label, key = ?key, "not passing a denied variable to a child");
+                }
+                !denied
+            })
+            .cloned()
+            .collect();
+        let program = resolve_program(
+            &cmd.program,
+            &cmd.cwd,
+            env::effective_path(&self.env, &extra),
+        )?;
+        // Checked here because a missing directory fails the spawn with the same ENOENT as a
+        // missing program, which would send whoever reads the error after the wrong thing.
+        if !cmd.cwd.is_dir() {
+            return Err(io_err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("working directory {} does not exist", cmd.cwd.display()),
+            )));
+        }
+        let (reader, writer) = io::pipe().map_err(io_err)?;
+        let second_writer = writer.try_clone().map_err(io_err)?;
+
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "this is exec::Runner, the one place allowed to create a Command"
+        )]
+        let mut command = std::process::Command::new(&program);
+        command
+            .args(&cmd.args)
+            .current_dir(&cmd.cwd)
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(extra.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .stdout(writer)
+            .stderr(second_writer);
+        sys::configure(&mut command, &cmd.program);
+        let spawned = command.spawn();
+        // Closes the parent's copies of the write end (see above).
+        drop(command);
+        let child = spawned.map_err(io_err)?;
+        match sys::OutputPipe::new(reader) {
+            Ok(pipe) => Ok((child, pipe)),
+            Err(source) => {
+                // No way to read its output: stop the child rather than leave it running.
+                let group = Arc::new(sys::Group::new(child.id()));
+                group.signal(Signal::SIGKILL);
+                let _ = sys::spawn_reaper(child, group);
+                Err(io_err(source))
+            }
+        }
+    }
+}
+
+/// Finds what `exec` will run. A name without `/` is searched in `path` here rather than by
+/// `exec`, so "not found" can say which PATH was searched and "not executable" which file.
+/// Relative PATH entries are skipped: they would depend on the agent's own working directory.
+fn resolve_program(program: &OsStr, cwd: &Path, path: &OsStr) -> Result<PathBuf, SpawnError> {
+    let name = || program.to_string_lossy().into_owned();
+    if program.is_empty() {
+        return Err(SpawnError::Io {
+            program: name(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "empty program name"),
+        });
+    }
+    if program.as_encoded_bytes().contains(&b'/') {
+        return Ok(cwd.join(program));
+    }
+    let mut not_executable = None;
+    for dir in std::env::split_paths(path).filter(|d| d.is_absolute()) {
+        let candidate = dir.join(program);
+        match std::fs::metadata(&candidate) {
+            Ok(meta) if sys::is_executable(&meta) => return Ok(candidate),
+            Ok(meta) if meta.is_file() => {
+                not_executable.get_or_insert(candidate);
+            }
+            _ => {}
+        }
+    }
+    if let Some(file) = not_executable {
+        return Err(SpawnError::Io {
+            program: name(),
+            source: io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{} is not executable", file.display()),
+            ),
+        });
+    }
+    Err(SpawnError::NotFound {
+        program: name(),
+        path: path.to_string_lossy().into_owned(),
+    })
+}
+
+/// Waits up to `bound` for the reaper to report, reading output meanwhile. True once reaped.
+async fn wait_reaped(
+    reaped: &mut sys::Reaped,
+    pipe: &mut sys::OutputPipe,
+    capture: &mut Capture,
+    bound: Duration,
+) -> bool {
+    let expired = tokio::time::sleep(bound);
+    tokio::pin!(expired);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut *reaped => return true,
+            () = &mut expired => return false,
+            () = pipe.read_into(capture), if !pipe.eof() => {}
+        }
+    }
+}
+
+/// A `sleep_until` that never fires when the deadline is beyond what `Instant` can represent.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn exit_from(
+    status: Result<io::Result<std::process::ExitStatus>, tokio::sync::oneshot::error::RecvError>,
+    label: &str,
+    pid: u32,
+) -> Exit {
+    match status {
+        Ok(Ok(status)) => sys::exit_from_status(status),
+        Ok(Err(err)) => {
+            tracing::warn!(label, pid, %err, "could not collect the child's exit status");
+            Exit::Code(-1)
+        }
+        Err(_) => {
+            tracing::warn!(label, pid, "the reaper thread ended without a status");
+            Exit::Code(-1)
+        }
+    }
+}
+
+/// SIGKILLs the group if `run` is dropped before the child is reaped (a caller's `select!` or
+/// timeout gave up on it). A no-op once the reaper has run.
+struct KillOnDrop(Arc<sys::Group>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.0.signal(Signal::SIGKILL);
     }
 }

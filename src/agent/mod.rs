@@ -1,0 +1,845 @@
+//! The main loop: the single owner of agent state.
+//!
+//! One `select!` over a closed set of inputs: the shutdown signal, the one request in flight to
+//! the dashboard, events from the running command, and a 1 s tick. Each iteration beats
+//! [`Progress`] and may ping the systemd watchdog, so a wedged loop stops both and the
+//! supervisor (or the stall monitor) restarts the agent. Requests are never awaited inline:
+//! the loop keeps ticking while a heartbeat waits 30 s for a hanging dashboard, and while a
+//! command runs for 10 minutes.
+//!
+//! Ordering: reports leave in the order commands produced them (the outbox), and always before
+//! the next heartbeat, because the v1 dashboard closes the newest open log row with whatever
+//! `/status` comes next (contract §3.3).
+
+pub mod backoff;
+pub mod outbox;
+
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::commands::{self, Command, Context, ExecEvent, sanitize_name};
+use crate::config::{Secret, Settings, TokenOrigin, human_duration};
+use crate::dashboard::{
+    DashboardError, Heartbeat, HeartbeatReply, Outcome, Report, ReportReply, ShortReason,
+    StatusReport, Transport,
+};
+use crate::exec::Runner;
+use crate::facts::{MetricsSampler, OsFacts, read_git_head};
+use crate::store::{Journal, JournalEntry, TokenCache};
+use crate::supervisor::notify::Notifier;
+use crate::supervisor::progress::Progress;
+use outbox::{Outbox, describe};
+
+/// How long reports may take to leave after the agent decided to exit.
+const FLUSH_BUDGET: Duration = Duration::from_secs(5);
+
+/// Where the token in use came from; named when the dashboard refuses it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum TokenSource {
+    Configured(TokenOrigin),
+    Cache(PathBuf),
+}
+
+impl std::fmt::Display for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenSource::Configured(origin) => write!(f, "{origin}"),
+            TokenSource::Cache(path) => write!(f, "the token cache {}", path.display()),
+        }
+    }
+}
+
+/// The token in use, the configured one to fall back to, and the cache to persist into.
+pub struct Credentials {
+    current: Secret,
+    source: TokenSource,
+    configured: Option<(Secret, TokenOrigin)>,
+    cache: TokenCache,
+    fell_back: bool,
+}
+
+impl Credentials {
+    /// The cached per-host token wins over the configured one (v1 semantics); `None` when
+    /// there is neither.
+    pub fn new(
+        configured: Option<(Secret, TokenOrigin)>,
+        cache: TokenCache,
+        cached: Option<Secret>,
+    ) -> Option<Credentials> {
+        let (current, source) = match (&cached, &configured) {
+            (Some(token), _) => (token.clone(), TokenSource::Cache(cache.path().to_path_buf())),
+            (None, Some((token, origin))) => {
+                (token.clone(), TokenSource::Configured(origin.clone()))
+            }
+            (None, None) => return None,
+        };
+        Some(Credentials {
+            current,
+            source,
+            configured,
+            cache,
+            fell_back: false,
+        })
+    }
+}
+
+/// Everything the agent needs at start, gathered by `cli`.
+pub struct Startup {
+    pub settings: Arc<Settings>,
+    pub runner: Runner,
+    pub credentials: Credentials,
+    pub outbox: Outbox,
+    pub journal: Journal,
+    /// A command a previous instance left running (from the journal).
+    pub interrupted: Option<JournalEntry>,
+    pub notifier: Notifier,
+    pub progress: Arc<Progress>,
+}
+
+struct Running {
+    name: String,
+    started: Instant,
+    step: String,
+    step_started: Instant,
+    step_timeout: Option<Duration>,
+    cancel: CancellationToken,
+}
+
+/// What we know about the link to the dashboard.
+#[derive(Default)]
+struct Link {
+    failures: u32,
+    down_since: Option<Instant>,
+    last_error: Option<DashboardError>,
+    last_ok: Option<Instant>,
+    /// No request before this instant (backoff).
+    retry_at: Option<Instant>,
+}
+
+enum Delivery {
+    Heartbeat(Result<HeartbeatReply, DashboardError>),
+    Report {
+        id: u64,
+        result: Result<ReportReply, DashboardError>,
+    },
+}
+
+type InFlight = Pin<Box<dyn Future<Output = Delivery> + Send>>;
+
+struct Stopping {
+    code: u8,
+    /// Cancel a still-running command at this instant.
+    cancel_at: Instant,
+    /// Stop flushing reports at this instant (set once no command runs).
+    flush_until: Option<Instant>,
+}
+
+/// The agent: owns all state; [`Agent::run`] is the main loop.
+pub struct Agent<T: Transport> {
+    settings: Arc<Settings>,
+    transport: T,
+    runner: Runner,
+    creds: Credentials,
+    os: OsFacts,
+    generation: Option<String>,
+    metrics: MetricsSampler,
+    outbox: Outbox,
+    journal: Journal,
+    queue: VecDeque<Result<Command, String>>,
+    running: Option<Running>,
+    link: Link,
+    next_heartbeat: Instant,
+    in_flight: Option<InFlight>,
+    events_tx: mpsc::UnboundedSender<ExecEvent>,
+    events_rx: mpsc::UnboundedReceiver<ExecEvent>,
+    notifier: Notifier,
+    progress: Arc<Progress>,
+    logged_422: HashSet<String>,
+    outage_note: Option<String>,
+    stopping: Option<Stopping>,
+}
+
+fn command_label(command: &Result<Command, String>) -> String {
+    match command {
+        Ok(c) => c.name().to_string(),
+        Err(raw) => sanitize_name(raw),
+    }
+}
+
+fn short_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 {
+        format!("{}h{}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// `current_generation` on register must match `^[a-zA-Z0-9-]{1,64}$` (contract §3.1).
+fn valid_generation(g: &str) -> bool {
+    !g.is_empty() && g.len() <= 64 && g.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// The dashboard field a 422 names, mapped to the setting that controls it.
+fn setting_for_field(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "hostname" => "NIXFLEET_HOSTNAME",
+        "location" => "NIXFLEET_LOCATION",
+        "device_type" => "NIXFLEET_DEVICE_TYPE",
+        "theme_color" => "NIXFLEET_THEME_COLOR",
+        "agent_version" => "NIXFLEET_AGENT_VERSION",
+        "poll_interval" => "NIXFLEET_INTERVAL",
+        "config_repo" => "NIXFLEET_REPO_DIR or NIXFLEET_NIXCFG",
+        "host_type" => "NIXFLEET_HOST_TYPE",
+        _ => return None,
+    })
+}
+
+impl<T: Transport> Agent<T> {
+    pub fn new(startup: Startup, transport: T, os: OsFacts) -> Self {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let settings = startup.settings;
+        let generation = settings.repo.dir().and_then(read_git_head);
+        let mut agent = Agent {
+            transport,
+            runner: startup.runner,
+            creds: startup.credentials,
+            os,
+            generation,
+            metrics: MetricsSampler::new(),
+            outbox: startup.outbox,
+            journal: startup.journal,
+            queue: VecDeque::new(),
+            running: None,
+            link: Link::default(),
+            next_heartbeat: Instant::now(),
+            in_flight: None,
+            events_tx,
+            events_rx,
+            notifier: startup.notifier,
+            progress: startup.progress,
+            logged_422: HashSet::new(),
+            outage_note: None,
+            stopping: None,
+            settings,
+        };
+        if let Some(left) = startup.interrupted {
+            agent.report_interrupted(left);
+        }
+        agent.outbox.push(
+            Report::Status(StatusReport {
+                status: Outcome::Ok,
+                current_generation: agent.generation.clone(),
+                output: Some(format!("Agent started ({})", agent.settings.agent_version)),
+                test_status: None,
+            }),
+            None,
+        );
+        if matches!(agent.settings.repo, crate::config::RepoMode::Isolated { .. }) {
+            agent.queue.push_back(Ok(Command::Setup));
+        }
+        agent
+    }
+
+    /// A command that was running when a previous instance died: report it once, never re-run.
+    fn report_interrupted(&mut self, left: JournalEntry) {
+        if !self.outbox.contains_journal(left.id) {
+            let ago = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+                .saturating_sub(left.started_unix);
+            tracing::warn!(
+                NIXFLEET_COMMAND = %left.command,
+                NIXFLEET_STEP = %left.step,
+                "command {} was interrupted by an agent restart during step {}; reporting it, \
+                 not re-running it",
+                left.command,
+                left.step
+            );
+            self.outbox.push(
+                Report::Status(StatusReport {
+                    status: Outcome::Error,
+                    current_generation: self.generation.clone(),
+                    output: Some(format!(
+                        "Command {} was interrupted: the agent restarted during step '{}' \
+                         (started {} ago). It was not re-run; queue it again if needed.",
+                        left.command,
+                        left.step,
+                        short_duration(Duration::from_secs(ago))
+                    )),
+                    test_status: None,
+                }),
+                Some(left.id),
+            );
+        }
+        self.journal.settle_previous();
+    }
+
+    /// The main loop. Returns the process exit code.
+    pub async fn run(mut self, shutdown: CancellationToken) -> u8 {
+        self.notifier.ready(&self.status_line());
+        let tick = self
+            .notifier
+            .watchdog_interval()
+            .map_or(Duration::from_secs(1), |w| w.min(Duration::from_secs(1)));
+        loop {
+            self.progress.beat();
+            self.notifier.watchdog_tick();
+            self.debug_wedge();
+            self.start_next_command();
+            self.start_request();
+            self.notifier.status(&self.status_line());
+            if let Some(code) = self.stop_done() {
+                self.notifier.stopping(&format!("stopped (exit code {code})"));
+                return code;
+            }
+            let wake = self.next_wakeup(tick);
+            self.progress.set_activity(self.activity());
+            tokio::select! {
+                () = shutdown.cancelled(), if self.stopping.is_none() => {
+                    tracing::info!("stop requested; finishing up");
+                    self.begin_stop(crate::exit::OK, self.settings.shutdown_grace);
+                }
+                delivery = async { self.in_flight.as_mut().expect("guarded").await },
+                    if self.in_flight.is_some() => {
+                    self.in_flight = None;
+                    self.on_delivery(delivery);
+                }
+                Some(event) = self.events_rx.recv() => self.on_exec_event(event),
+                () = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+    }
+
+    fn activity(&self) -> &'static str {
+        match (&self.in_flight, &self.running) {
+            (Some(_), _) => "waiting for the dashboard",
+            (None, Some(_)) => "running a command",
+            (None, None) => "idle",
+        }
+    }
+
+    /// Test-only hook (`NIXFLEET_DEBUG_WEDGE_FILE`): block this thread while the file exists.
+    fn debug_wedge(&self) {
+        if let Some(file) = &self.settings.debug_wedge_file {
+            while file.exists() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    fn next_wakeup(&self, tick: Duration) -> Instant {
+        let now = Instant::now();
+        let mut wake = now + tick;
+        if self.in_flight.is_none() && self.stopping.is_none() {
+            let due = self.link.retry_at.unwrap_or(now).max(if self.outbox.is_empty() {
+                self.next_heartbeat
+            } else {
+                now
+            });
+            wake = wake.min(due.max(now));
+        }
+        wake
+    }
+
+    fn begin_stop(&mut self, code: u8, grace: Duration) {
+        self.stopping = Some(Stopping {
+            code,
+            cancel_at: Instant::now() + grace,
+            flush_until: None,
+        });
+        if let Some(running) = &self.running {
+            tracing::info!(
+                "waiting up to {} for {} to finish",
+                human_duration(grace),
+                running.name
+            );
+        }
+    }
+
+    /// While stopping: cancel a command past its grace; once nothing runs, flush reports for a
+    /// bounded time. Returns the exit code when the agent may exit.
+    fn stop_done(&mut self) -> Option<u8> {
+        let now = Instant::now();
+        let stopping = self.stopping.as_mut()?;
+        if let Some(running) = &self.running {
+            if now >= stopping.cancel_at && !running.cancel.is_cancelled() {
+                tracing::warn!("{} did not finish in time; stopping it", running.name);
+                running.cancel.cancel();
+            }
+            return None;
+        }
+        let flush_until = *stopping.flush_until.get_or_insert(now + FLUSH_BUDGET);
+        if self.outbox.is_empty() && self.in_flight.is_none() {
+            return Some(stopping.code);
+        }
+        if now >= flush_until {
+            tracing::warn!(
+                pending = self.outbox.len(),
+                "could not deliver every report before exiting; they are kept and sent by the \
+                 next start"
+            );
+            return Some(stopping.code);
+        }
+        None
+    }
+
+    fn start_next_command(&mut self) {
+        if self.running.is_some() || self.stopping.is_some() {
+            return;
+        }
+        let Some(command) = self.queue.pop_front() else {
+            return;
+        };
+        let name = command_label(&command);
+        tracing::info!(NIXFLEET_COMMAND = %name, "running command {name}");
+        self.journal.start(&name);
+        let cancel = CancellationToken::new();
+        let ctx = Context {
+            settings: self.settings.clone(),
+            runner: self.runner.clone(),
+            events: self.events_tx.clone(),
+            cancel: cancel.clone(),
+        };
+        tokio::spawn(commands::execute(ctx, command));
+        let now = Instant::now();
+        self.running = Some(Running {
+            name,
+            started: now,
+            step: "starting".into(),
+            step_started: now,
+            step_timeout: None,
+            cancel,
+        });
+    }
+
+    fn on_exec_event(&mut self, event: ExecEvent) {
+        match event {
+            ExecEvent::Step { label, timeout } => {
+                if let Some(running) = &mut self.running {
+                    tracing::info!(
+                        NIXFLEET_COMMAND = %running.name,
+                        NIXFLEET_STEP = %label,
+                        "{}: {label}",
+                        running.name
+                    );
+                    running.step = label;
+                    running.step_started = Instant::now();
+                    running.step_timeout = timeout;
+                    self.journal.step(&running.step);
+                }
+            }
+            ExecEvent::Report(report) => {
+                tracing::debug!("queued report: {}", describe(&report));
+                self.outbox.push(report, None);
+            }
+            ExecEvent::Facts(os) => self.os = os,
+            ExecEvent::Finished { exit } => {
+                if let Some(running) = self.running.take() {
+                    tracing::info!(
+                        NIXFLEET_COMMAND = %running.name,
+                        NIXFLEET_DURATION_MS = running.started.elapsed().as_millis() as u64,
+                        "command {} finished after {}",
+                        running.name,
+                        short_duration(running.started.elapsed())
+                    );
+                }
+                self.journal.finish();
+                self.generation = self.settings.repo.dir().and_then(read_git_head);
+                if let Some(code) = exit
+                    && self.stopping.is_none()
+                {
+                    self.begin_stop(code, Duration::ZERO);
+                }
+            }
+        }
+    }
+
+    /// Starts the next request if none is in flight: reports first, then a due heartbeat.
+    fn start_request(&mut self) {
+        if self.in_flight.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        if self.link.retry_at.is_some_and(|at| now < at) {
+            return;
+        }
+        let token = self.creds.current.expose().to_string();
+        if let Some(entry) = self.outbox.front() {
+            let id = entry.id;
+            let report = entry.report.clone();
+            let transport = self.transport.clone();
+            self.in_flight = Some(Box::pin(async move {
+                let result = transport.report(&token, &report).await;
+                Delivery::Report { id, result }
+            }));
+            return;
+        }
+        if self.stopping.is_some() || now < self.next_heartbeat {
+            return;
+        }
+        let beat = self.heartbeat_payload();
+        let transport = self.transport.clone();
+        self.in_flight = Some(Box::pin(async move {
+            Delivery::Heartbeat(transport.heartbeat(&token, &beat).await)
+        }));
+    }
+
+    fn heartbeat_payload(&mut self) -> Heartbeat {
+        let host = &self.settings.host;
+        let config_repo = self
+            .settings
+            .repo
+            .dir()
+            .map(|d| d.to_string_lossy().into_owned())
+            .filter(|d| d.chars().count() <= 200);
+        Heartbeat {
+            hostname: host.hostname.clone(),
+            host_type: host.host_type.as_str(),
+            location: host.location.clone(),
+            device_type: host.device_type.clone(),
+            theme_color: host.theme_color.clone(),
+            criticality: host.criticality,
+            current_generation: self.generation.clone().filter(|g| valid_generation(g)),
+            config_repo,
+            poll_interval: self.settings.interval.as_secs(),
+            agent_version: self.settings.agent_version.clone(),
+            nixpkgs_version: self.os.nixpkgs_version.clone(),
+            os_version: self.os.os_version.clone(),
+            os_name: self.os.os_name.clone(),
+            metrics: self.metrics.sample(),
+        }
+    }
+
+    fn on_delivery(&mut self, delivery: Delivery) {
+        match delivery {
+            Delivery::Heartbeat(Ok(reply)) => {
+                self.link_up();
+                self.next_heartbeat = Instant::now()
+                    + backoff::next_interval(self.settings.interval, fastrand::f64());
+                if let Some(token) = reply.agent_token {
+                    self.adopt_token(token);
+                }
+                if let Some(command) = reply.command {
+                    self.on_command(command);
+                }
+            }
+            Delivery::Heartbeat(Err(error)) => self.on_failure("heartbeat", error),
+            Delivery::Report { id, result: Ok(reply) } => {
+                self.outbox.pop(id);
+                self.link_up();
+                if let Some(token) = reply.agent_token {
+                    self.adopt_token(token);
+                }
+            }
+            Delivery::Report { id, result: Err(error) } => {
+                if !error.is_retryable() {
+                    if let Some(entry) = self.outbox.front() {
+                        tracing::error!(
+                            "the dashboard refused a report for good ({error}); dropping it: {}",
+                            describe(&entry.report)
+                        );
+                    }
+                    self.outbox.pop(id);
+                    return;
+                }
+                self.on_failure("report", error);
+            }
+        }
+    }
+
+    fn link_up(&mut self) {
+        if let Some(since) = self.link.down_since.take() {
+            let reason = self
+                .link
+                .last_error
+                .as_ref()
+                .map(|e| ShortReason(e).to_string())
+                .unwrap_or_default();
+            let outage = short_duration(since.elapsed());
+            tracing::info!(
+                failures = self.link.failures,
+                "dashboard reachable again after {outage} ({reason})"
+            );
+            self.outage_note = Some(format!(
+                "Agent: dashboard was unreachable for {outage} ({reason}); reconnected"
+            ));
+        }
+        self.link.failures = 0;
+        self.link.retry_at = None;
+        self.link.last_error = None;
+        self.link.last_ok = Some(Instant::now());
+        // Said only when idle: a status while a command runs would close its log row.
+        if self.running.is_none()
+            && self.queue.is_empty()
+            && self.outbox.is_empty()
+            && let Some(note) = self.outage_note.take()
+        {
+            self.outbox.push(
+                Report::Status(StatusReport {
+                    status: Outcome::Ok,
+                    current_generation: self.generation.clone(),
+                    output: Some(note),
+                    test_status: None,
+                }),
+                None,
+            );
+        }
+    }
+
+    fn on_failure(&mut self, what: &str, error: DashboardError) {
+        let now = Instant::now();
+        self.link.failures = self.link.failures.saturating_add(1);
+        self.link.down_since.get_or_insert(now);
+        let settings = self.settings.clone();
+        let delay = match &error {
+            DashboardError::Unauthorized { .. } => {
+                if self.try_token_fallback() {
+                    self.link.retry_at = Some(now);
+                    self.link.last_error = Some(error);
+                    return;
+                }
+                let delay = backoff::auth_delay(settings.backoff_cap, fastrand::f64());
+                tracing::error!(
+                    "the dashboard refused the token from {} ({error}); fix that token; \
+                     retrying in {}",
+                    self.creds.source,
+                    short_duration(delay)
+                );
+                delay
+            }
+            DashboardError::Validation { details } => {
+                let delay = backoff::retry_delay(
+                    settings.interval,
+                    settings.backoff_cap,
+                    self.link.failures,
+                    fastrand::f64(),
+                );
+                for (field, message) in details {
+                    let key = format!("{what}:{field}:{message}");
+                    if self.logged_422.insert(key) {
+                        let hint = setting_for_field(field)
+                            .map(|s| format!("; check {s}"))
+                            .unwrap_or_default();
+                        tracing::error!(
+                            field = %field,
+                            "the dashboard rejected the {what}: {field}: {message}{hint}"
+                        );
+                    }
+                }
+                delay
+            }
+            other => {
+                let delay = backoff::retry_delay(
+                    settings.interval,
+                    settings.backoff_cap,
+                    self.link.failures,
+                    fastrand::f64(),
+                );
+                let extra = if matches!(other, DashboardError::ServerError) {
+                    " (the v1 dashboard also answers its rate limit with 500)"
+                } else {
+                    ""
+                };
+                let down_for = self.link.down_since.map_or(Duration::ZERO, |d| d.elapsed());
+                tracing::warn!(
+                    failures = self.link.failures,
+                    "{what} failed: {other}{extra}; dashboard unreachable for {}, retrying in {}",
+                    short_duration(down_for),
+                    short_duration(delay)
+                );
+                delay
+            }
+        };
+        self.link.retry_at = Some(now + delay);
+        self.link.last_error = Some(error);
+    }
+
+    /// A refused cached token falls back to the configured one, once.
+    fn try_token_fallback(&mut self) -> bool {
+        if self.creds.fell_back || !matches!(self.creds.source, TokenSource::Cache(_)) {
+            return false;
+        }
+        let Some((token, origin)) = self.creds.configured.clone() else {
+            return false;
+        };
+        if token == self.creds.current {
+            return false;
+        }
+        tracing::warn!(
+            "the dashboard refused the cached per-host token in {}; falling back once to the \
+             configured token from {origin}",
+            self.creds.cache.path().display()
+        );
+        self.creds.current = token;
+        self.creds.source = TokenSource::Configured(origin);
+        self.creds.fell_back = true;
+        true
+    }
+
+    fn adopt_token(&mut self, token: String) {
+        let token = Secret::new(token);
+        if token == self.creds.current {
+            return;
+        }
+        self.creds.current = token;
+        self.creds.source = TokenSource::Cache(self.creds.cache.path().to_path_buf());
+        match self.creds.cache.save(&self.creds.current) {
+            Ok(()) => tracing::info!(
+                "the dashboard issued a per-host token; using it now and saved it to {}",
+                self.creds.cache.path().display()
+            ),
+            Err(e) => tracing::error!(
+                "the dashboard issued a per-host token; using it now, but saving it to {} \
+                 failed: {e}; it will be lost on restart",
+                self.creds.cache.path().display()
+            ),
+        }
+    }
+
+    fn on_command(&mut self, raw: String) {
+        let command = Command::parse(&raw).ok_or_else(|| raw.clone());
+        let name = command_label(&command);
+        tracing::info!(NIXFLEET_COMMAND = %name, "received command {name}");
+        if self.stopping.is_some() {
+            self.status_now(
+                Outcome::Error,
+                format!("Not run: {name} arrived while the agent was stopping; queue it again"),
+            );
+            return;
+        }
+        let Some(busy_with) = self
+            .running
+            .as_ref()
+            .map(|r| r.name.clone())
+            .or_else(|| self.queue.back().map(command_label))
+        else {
+            self.queue.push_back(command);
+            return;
+        };
+        if self.queue.len() >= self.settings.queue_limit {
+            tracing::error!(
+                NIXFLEET_COMMAND = %name,
+                "dropped command {name}: {} commands already wait behind {busy_with}",
+                self.queue.len()
+            );
+            self.status_now(
+                Outcome::Error,
+                format!(
+                    "Dropped command {name}: {} commands already wait behind {busy_with} \
+                     (queue limit {})",
+                    self.queue.len(),
+                    self.settings.queue_limit
+                ),
+            );
+            return;
+        }
+        self.queue.push_back(command);
+        let position = self.queue.len();
+        self.status_now(
+            Outcome::Ok,
+            format!("Queued: {name} will run after {busy_with} finishes (position {position})"),
+        );
+    }
+
+    fn status_now(&mut self, status: Outcome, output: String) {
+        self.outbox.push(
+            Report::Status(StatusReport {
+                status,
+                current_generation: self.generation.clone(),
+                output: Some(output),
+                test_status: None,
+            }),
+            None,
+        );
+    }
+
+    /// The one-line summary for `systemctl status`.
+    fn status_line(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(stopping) = &self.stopping {
+            parts.push(format!("stopping (exit code {})", stopping.code));
+        }
+        match &self.running {
+            Some(r) => {
+                let timeout = r
+                    .step_timeout
+                    .map(|t| format!(" of {}", short_duration(t)))
+                    .unwrap_or_default();
+                parts.push(format!(
+                    "running {} (step {}: {}{timeout}); {} queued",
+                    r.name,
+                    r.step,
+                    short_duration(r.step_started.elapsed()),
+                    self.queue.len()
+                ));
+            }
+            None => parts.push("idle".into()),
+        }
+        match (&self.link.down_since, &self.link.last_error) {
+            (Some(since), Some(error)) => {
+                let retry = self
+                    .link
+                    .retry_at
+                    .map(|at| at.saturating_duration_since(Instant::now()))
+                    .unwrap_or_default();
+                let what = if error.is_unreachable() || matches!(error, DashboardError::ServerError)
+                {
+                    "dashboard unreachable"
+                } else {
+                    "dashboard refusing requests"
+                };
+                parts.push(format!(
+                    "{what} for {} ({}), retrying in {}",
+                    short_duration(since.elapsed()),
+                    ShortReason(error),
+                    short_duration(retry)
+                ));
+            }
+            _ => match self.link.last_ok {
+                Some(at) => parts.push(format!(
+                    "last heartbeat {} ago",
+                    short_duration(at.elapsed())
+                )),
+                None => parts.push("connecting to the dashboard".into()),
+            },
+        }
+        if !self.outbox.is_empty() {
+            parts.push(format!("{} reports pending", self.outbox.len()));
+        }
+        if let Some(g) = &self.generation {
+            parts.push(format!("generation {}", g.get(..12).unwrap_or(g)));
+        }
+        parts.join("; ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_pattern_matches_the_dashboard() {
+        assert!(valid_generation("0123456789abcdef0123456789abcdef01234567"));
+        assert!(valid_generation("unknown"));
+        assert!(!valid_generation(""));
+        assert!(!valid_generation("a.b"));
+        assert!(!valid_generation(&"a".repeat(65)));
+    }
+
+    #[test]
+    fn durations_read_like_a_human_wrote_them() {
+        assert_eq!(short_duration(Duration::from_secs(42)), "42s");
+        assert_eq!(short_duration(Duration::from_secs(252)), "4m12s");
+        assert_eq!(short_duration(Duration::from_secs(7300)), "2h1m");
+    }
+}

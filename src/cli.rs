@@ -1,0 +1,321 @@
+//! Command line and start-up: parse flags, validate config, take the instance lock, load
+//! state, start the supervisor hooks, then hand over to the main loop. Every failure here ends
+//! in one log line and a documented exit code (`crate::exit`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{Agent, Credentials, Startup};
+use crate::agent::outbox::Outbox;
+use crate::config::{FlagValues, MachineFacts, RawConfig, Settings};
+use crate::dashboard::v1::V1Client;
+use crate::exec::Runner;
+use crate::exit;
+use crate::facts::OsFacts;
+use crate::lock::{self, LockError};
+use crate::store::{Journal, TokenCache};
+use crate::supervisor::notify::Notifier;
+use crate::supervisor::progress::Progress;
+use crate::supervisor::stall::spawn_stall_monitor;
+
+/// nixfleet-agent: keeps this host under the control of a NixFleet dashboard.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<CliCommand>,
+    #[command(flatten)]
+    flags: Flags,
+}
+
+#[derive(Subcommand, Debug)]
+enum CliCommand {
+    /// Run the agent (the default).
+    Run,
+    /// Validate the configuration, print the effective settings (token redacted), and exit
+    /// 0, or 78 with the problem.
+    CheckConfig,
+}
+
+/// Flags override the environment, which overrides the config file.
+#[derive(clap::Args, Debug, Default)]
+struct Flags {
+    /// TOML config file (keys: url, interval, token_file, ... as in NIXFLEET_* lowercased).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Dashboard base URL (NIXFLEET_URL).
+    #[arg(long, global = true)]
+    url: Option<String>,
+    /// File holding the dashboard token (NIXFLEET_TOKEN_FILE).
+    #[arg(long, global = true, value_name = "FILE")]
+    token_file: Option<String>,
+    /// Heartbeat interval in seconds, 1..3600 (NIXFLEET_INTERVAL).
+    #[arg(long, global = true, value_name = "SECONDS")]
+    interval: Option<String>,
+    /// Host id sent to the dashboard (NIXFLEET_HOSTNAME; default: short host name).
+    #[arg(long, global = true)]
+    hostname: Option<String>,
+    /// Directory for the token cache, outbox and journal (NIXFLEET_STATE_DIR).
+    #[arg(long, global = true, value_name = "DIR")]
+    state_dir: Option<String>,
+    /// Directory for the instance lock (NIXFLEET_RUNTIME_DIR).
+    #[arg(long, global = true, value_name = "DIR")]
+    runtime_dir: Option<String>,
+}
+
+impl Flags {
+    fn values(&self) -> FlagValues {
+        let mut values = Vec::new();
+        for (key, value) in [
+            ("url", &self.url),
+            ("token_file", &self.token_file),
+            ("interval", &self.interval),
+            ("hostname", &self.hostname),
+            ("state_dir", &self.state_dir),
+            ("runtime_dir", &self.runtime_dir),
+        ] {
+            if let Some(v) = value {
+                values.push((key, v.clone()));
+            }
+        }
+        FlagValues {
+            config: self.config.clone(),
+            values,
+        }
+    }
+}
+
+/// The process entry point; returns the exit code.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Some(CliCommand::CheckConfig) => check_config(&cli.flags),
+        Some(CliCommand::Run) | None => run(&cli.flags),
+    };
+    std::process::ExitCode::from(code)
+}
+
+fn load_settings(flags: &Flags) -> Result<Settings, crate::config::ConfigError> {
+    let raw = RawConfig::gather(&flags.values(), &|key| std::env::var(key).ok())?;
+    Settings::from_raw(&raw, &MachineFacts::detect())
+}
+
+fn check_config(flags: &Flags) -> u8 {
+    match load_settings(flags) {
+        Ok(settings) => {
+            print!("{}", settings.describe());
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("nixfleet-agent: configuration error: {e}");
+            exit::CONFIG
+        }
+    }
+}
+
+fn home_dir() -> Option<PathBuf> {
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+}
+
+/// The first entry of a systemd `*_DIRECTORY` variable (it may list several, `:`-separated).
+fn systemd_dir(var: &str) -> Option<PathBuf> {
+    let value = std::env::var(var).ok()?;
+    value.split(':').next().filter(|s| !s.is_empty()).map(PathBuf::from)
+}
+
+fn state_dir_candidates(settings: &Settings) -> Vec<PathBuf> {
+    if let Some(dir) = &settings.state_dir {
+        return vec![dir.clone()];
+    }
+    let mut dirs = Vec::new();
+    dirs.extend(systemd_dir("STATE_DIRECTORY"));
+    if nix::unistd::geteuid().is_root() {
+        dirs.push(PathBuf::from("/var/lib/nixfleet-agent"));
+    } else {
+        if let Some(state) = std::env::var_os("XDG_STATE_HOME").filter(|s| !s.is_empty()) {
+            dirs.push(PathBuf::from(state).join("nixfleet-agent"));
+        }
+        if let Some(home) = home_dir() {
+            dirs.push(home.join(".local/state/nixfleet-agent"));
+        }
+    }
+    dirs
+}
+
+fn runtime_dir_candidates(settings: &Settings, state_dir: &std::path::Path) -> Vec<PathBuf> {
+    if let Some(dir) = &settings.runtime_dir {
+        return vec![dir.clone()];
+    }
+    let mut dirs = Vec::new();
+    dirs.extend(systemd_dir("RUNTIME_DIRECTORY"));
+    if nix::unistd::geteuid().is_root() {
+        dirs.push(PathBuf::from(if cfg!(target_os = "macos") {
+            "/var/run/nixfleet-agent"
+        } else {
+            "/run/nixfleet-agent"
+        }));
+    } else if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR").filter(|s| !s.is_empty()) {
+        dirs.push(PathBuf::from(runtime).join("nixfleet-agent"));
+    }
+    // The state directory always works as a lock directory too: the kernel releases a flock
+    // whatever the filesystem.
+    dirs.push(state_dir.to_path_buf());
+    dirs
+}
+
+fn run(flags: &Flags) -> u8 {
+    let log = crate::logging::init();
+    let settings = match load_settings(flags) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("configuration error: {e}");
+            return exit::CONFIG;
+        }
+    };
+    log.apply_config(settings.log_filter.as_deref());
+    if settings.allow_insecure_http && settings.url.scheme() == "http" {
+        tracing::warn!(
+            "NIXFLEET_ALLOW_INSECURE_HTTP is set: the token travels in clear text to {}",
+            settings.url
+        );
+    }
+    if settings.interval.as_secs() < 2 {
+        tracing::warn!(
+            "interval 1s exceeds the v1 dashboard's limit of 30 registers per minute per IP; \
+             expect HTTP 500 answers"
+        );
+    }
+
+    let state_dir = match lock::choose_dir(&state_dir_candidates(&settings)) {
+        Ok(dir) => dir,
+        Err(e) => {
+            tracing::error!("{e}; set NIXFLEET_STATE_DIR to a writable directory");
+            return exit::NO_STATE_DIR;
+        }
+    };
+    let runtime_dir = match lock::choose_dir(&runtime_dir_candidates(&settings, &state_dir)) {
+        Ok(dir) => dir,
+        Err(e) => {
+            tracing::error!("{e}; set NIXFLEET_RUNTIME_DIR to a writable directory");
+            return exit::NO_STATE_DIR;
+        }
+    };
+    let instance_lock = match lock::acquire(
+        &runtime_dir,
+        settings.stall_timeout,
+        &settings.agent_version,
+    ) {
+        Ok(l) => l,
+        Err(e @ LockError::NoUsableDir { .. }) | Err(e @ LockError::Io { .. }) => {
+            tracing::error!("{e}");
+            return exit::NO_STATE_DIR;
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            return exit::ALREADY_RUNNING;
+        }
+    };
+    let progress = Progress::new(Some(runtime_dir.join(lock::PROGRESS_FILE)));
+    if let Err(e) = spawn_stall_monitor(progress.clone(), settings.stall_timeout) {
+        tracing::error!("cannot start the stall monitor thread: {e}");
+        return exit::FAILURE;
+    }
+
+    let cache = TokenCache::new(
+        settings
+            .token_cache
+            .clone()
+            .unwrap_or_else(|| state_dir.join("token")),
+    );
+    let cached = match cache.load() {
+        Ok(token) => token,
+        Err(e) => {
+            tracing::warn!(
+                "cannot read the token cache {}: {e}; using the configured token",
+                cache.path().display()
+            );
+            None
+        }
+    };
+    let Some(credentials) = Credentials::new(settings.token.clone(), cache, cached) else {
+        tracing::error!(
+            "configuration error: no dashboard token: set NIXFLEET_TOKEN_FILE (or --token-file, \
+             or LoadCredential=token:... under systemd, or NIXFLEET_TOKEN)"
+        );
+        return exit::CONFIG;
+    };
+    let transport = match V1Client::new(&settings) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!("configuration error: {e:#}");
+            return exit::CONFIG;
+        }
+    };
+    let outbox = Outbox::load(state_dir.join("outbox.json"));
+    let (journal, interrupted) = Journal::load(state_dir.join("journal.json"));
+    let settings = Arc::new(settings);
+    let runner = Runner::new(settings.timeouts.kill_grace);
+
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return exit::FAILURE;
+        }
+    };
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        host = %settings.host.hostname,
+        url = %settings.url,
+        state_dir = %state_dir.display(),
+        lock = %instance_lock.path().display(),
+        "nixfleet-agent starting"
+    );
+    let code = runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        spawn_signal_watcher(shutdown.clone());
+        let mut notifier = Notifier::from_env();
+        notifier.status("starting: reading host facts");
+        let os = OsFacts::detect(&runner, &CancellationToken::new()).await;
+        let startup = Startup {
+            settings,
+            runner,
+            credentials,
+            outbox,
+            journal,
+            interrupted,
+            notifier,
+            progress,
+        };
+        Agent::new(startup, transport, os).run(shutdown).await
+    });
+    drop(instance_lock);
+    tracing::info!("nixfleet-agent stopped (exit code {code})");
+    code
+}
+
+fn spawn_signal_watcher(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers; SIGTERM will kill the agent");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("received SIGTERM"),
+            _ = int.recv() => tracing::info!("received SIGINT"),
+        }
+        shutdown.cancel();
+    });
+}

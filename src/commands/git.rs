@@ -1,0 +1,232 @@
+//! Git steps: the isolated clone, `pull` in both modes, and `pull-reset`.
+//!
+//! The repository is trusted for git through the environment (`GIT_CONFIG_COUNT` with
+//! `safe.directory`), never by editing `~/.gitconfig`. With an SSH key, ssh runs with
+//! `IdentitiesOnly=yes`, `StrictHostKeyChecking=accept-new` and `BatchMode=yes` (a prompt in a
+//! daemon can only hang). `GIT_TERMINAL_PROMPT=0` for the same reason over https.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::{Context, require_repo};
+use crate::config::{RepoMode, Settings};
+use crate::exec::Cmd;
+
+/// A git command in `dir` with the agent's git environment.
+pub(super) fn command(settings: &Settings, dir: &Path, timeout: Duration, label: &str) -> Cmd {
+    let mut cmd = Cmd::new("git", dir, timeout, label)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_CONFIG_COUNT", "1")
+        .env("GIT_CONFIG_KEY_0", "safe.directory")
+        .env(
+            "GIT_CONFIG_VALUE_0",
+            settings.repo.dir().unwrap_or(dir).as_os_str(),
+        );
+    if let Some(key) = &settings.ssh_key {
+        // GIT_SSH_COMMAND goes through a shell: quote the (operator-configured) key path.
+        cmd = cmd.env(
+            "GIT_SSH_COMMAND",
+            format!(
+                "ssh -i {} -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new -o BatchMode=yes",
+                shell_quote(&key.to_string_lossy())
+            ),
+        );
+    }
+    cmd
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Isolated mode at start: reuse `dir` when its origin is the configured URL, otherwise clone
+/// (again). Content that is not a git checkout is never deleted.
+pub(super) async fn setup(ctx: &Context) {
+    let RepoMode::Isolated { url, dir, branch } = &ctx.settings.repo else {
+        return;
+    };
+    if let Err(message) = ensure_clone(ctx, url, dir, branch).await {
+        tracing::error!("repository setup failed: {message}");
+    }
+}
+
+async fn ensure_clone(ctx: &Context, url: &str, dir: &Path, branch: &str) -> Result<(), String> {
+    let timeouts = &ctx.settings.timeouts;
+    if dir.join(".git").exists() {
+        let origin = ctx
+            .run(
+                ctx.git(dir, timeouts.git_local, "git remote get-url")
+                    .args(["remote", "get-url", "origin"]),
+            )
+            .await;
+        if origin.ok && origin.output.trim() == url {
+            return Ok(());
+        }
+        tracing::warn!(
+            dir = %dir.display(),
+            "the checkout's origin is not the configured repo_url; cloning it again"
+        );
+        std::fs::remove_dir_all(dir)
+            .map_err(|e| format!("cannot remove the old checkout {}: {e}", dir.display()))?;
+    } else if dir.exists() {
+        let empty = std::fs::read_dir(dir)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
+        if !empty {
+            return Err(format!(
+                "{} exists, is not empty and is not a git checkout; move it away or point \
+                 NIXFLEET_REPO_DIR elsewhere",
+                dir.display()
+            ));
+        }
+        std::fs::remove_dir(dir).map_err(|e| format!("cannot use {}: {e}", dir.display()))?;
+    }
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    crate::store::ensure_private_dir(parent)
+        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    let clone = ctx
+        .run(
+            ctx.git(parent, timeouts.git, "git clone")
+                .args(["clone", "--branch", branch, "--single-branch", "--", url])
+                .arg(dir.as_os_str()),
+        )
+        .await;
+    if !clone.ok {
+        return Err(format!("git clone failed: {}", clone.text));
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    tracing::info!(dir = %dir.display(), "cloned the config repository");
+    Ok(())
+}
+
+/// `pull`: isolated mode fetches and hard-resets (never a merge conflict); legacy mode runs
+/// `git pull`. Reports once; returns whether it succeeded. `what` prefixes the report.
+pub(super) async fn pull(ctx: &Context, what: &str) -> bool {
+    if let RepoMode::Isolated { url, dir, branch } = &ctx.settings.repo
+        && let Err(message) = ensure_clone(ctx, url, dir, branch).await
+    {
+        ctx.error(&format!("{what} failed: {message}"));
+        return false;
+    }
+    let Some(dir) = require_repo(ctx, what) else {
+        return false;
+    };
+    match pull_in(ctx, &dir).await {
+        Ok(output) => {
+            ctx.ok(&format!("{what}: {output}"));
+            true
+        }
+        Err(output) => {
+            ctx.error(&format!("{what} failed: {output}"));
+            false
+        }
+    }
+}
+
+/// The pull itself, without a report: Ok(output) or Err(output).
+async fn pull_in(ctx: &Context, dir: &Path) -> Result<String, String> {
+    let timeouts = &ctx.settings.timeouts;
+    match &ctx.settings.repo {
+        RepoMode::Isolated { branch, .. } => {
+            let fetch = ctx
+                .run(
+                    ctx.git(dir, timeouts.git, "git fetch")
+                        .args(["fetch", "origin", branch]),
+                )
+                .await;
+            if !fetch.ok {
+                return Err(fetch.text);
+            }
+            let target = format!("origin/{branch}");
+            let reset = ctx
+                .run(
+                    ctx.git(dir, timeouts.git_local, "git reset")
+                        .args(["reset", "--hard", &target]),
+                )
+                .await;
+            if !reset.ok {
+                return Err(format!("reset to {target} failed: {}", reset.text));
+            }
+            let head = ctx.generation().unwrap_or_default();
+            Ok(format!(
+                "Reset to {target} ({})",
+                head.get(..12).unwrap_or(&head)
+            ))
+        }
+        _ => {
+            let pull = ctx
+                .run(ctx.git(dir, timeouts.git, "git pull").arg("pull"))
+                .await;
+            if pull.ok { Ok(pull.text) } else { Err(pull.text) }
+        }
+    }
+}
+
+/// `pull-reset`: unstage and restore `flake.lock`, then pull.
+pub(super) async fn pull_reset(ctx: &Context) {
+    if let RepoMode::Isolated { url, dir, branch } = &ctx.settings.repo
+        && let Err(message) = ensure_clone(ctx, url, dir, branch).await
+    {
+        ctx.error(&format!("Pull-reset failed: {message}"));
+        return;
+    }
+    let Some(dir) = require_repo(ctx, "Pull-reset") else {
+        return;
+    };
+    let local = ctx.settings.timeouts.git_local;
+    let mut done = String::new();
+    let staged = ctx
+        .run(ctx.git(&dir, local, "git diff --cached").args([
+            "diff",
+            "--cached",
+            "--name-only",
+            "--",
+            "flake.lock",
+        ]))
+        .await;
+    if staged.ok && !staged.output.trim().is_empty() {
+        let unstage = ctx
+            .run(ctx.git(&dir, local, "git reset flake.lock").args([
+                "reset",
+                "-q",
+                "HEAD",
+                "--",
+                "flake.lock",
+            ]))
+            .await;
+        if !unstage.ok {
+            ctx.error(&format!("Pull-reset failed: {}", unstage.text));
+            return;
+        }
+        done.push_str("Unstaged flake.lock; ");
+    }
+    let modified = ctx
+        .run(
+            ctx.git(&dir, local, "git diff")
+                .args(["diff", "--name-only", "--", "flake.lock"]),
+        )
+        .await;
+    if modified.ok && !modified.output.trim().is_empty() {
+        let restore = ctx
+            .run(
+                ctx.git(&dir, local, "git checkout flake.lock")
+                    .args(["checkout", "--", "flake.lock"]),
+            )
+            .await;
+        if !restore.ok {
+            ctx.error(&format!("Pull-reset failed: {}", restore.text));
+            return;
+        }
+        done.push_str("Reset flake.lock; ");
+    }
+    match pull_in(ctx, &dir).await {
+        Ok(output) => ctx.ok(&format!("Pull-reset: {done}{output}")),
+        Err(output) => ctx.error(&format!("Pull-reset failed: {done}{output}")),
+    }
+}
+
+/// Pull for `update`'s recovery path, reporting nothing.
+pub(super) async fn pull_quietly(ctx: &Context, dir: &Path) -> Result<String, String> {
+    pull_in(ctx, dir).await
+}

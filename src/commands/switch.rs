@@ -1,0 +1,251 @@
+//! `switch` and `update`: apply the configuration with the tool this host uses
+//! (`nixos-rebuild`, `darwin-rebuild`, `home-manager`), always as argv, never through a shell.
+//!
+//! After a successful switch the agent checks whether its own executable changed; if so it asks
+//! the main loop to exit with [`crate::exit::RESTART_NEW_BINARY`] once the report is out, so the
+//! supervisor starts the new binary.
+
+use std::path::{Path, PathBuf};
+
+use super::{Context, git, require_repo};
+use crate::config::{RepoMode, SwitchMode};
+use crate::exec::Cmd;
+
+pub(super) struct SwitchResult {
+    pub ok: bool,
+    pub exit: Option<u8>,
+}
+
+/// The switch tool for this host.
+fn resolve_mode(mode: SwitchMode) -> SwitchMode {
+    match mode {
+        SwitchMode::Auto if cfg!(target_os = "macos") => {
+            if find_in_path("darwin-rebuild").is_some() {
+                SwitchMode::Darwin
+            } else {
+                SwitchMode::HomeManager
+            }
+        }
+        SwitchMode::Auto if Path::new("/etc/NIXOS").exists() => SwitchMode::Nixos,
+        SwitchMode::Auto => {
+            if find_in_path("nixos-rebuild").is_some() {
+                SwitchMode::Nixos
+            } else {
+                SwitchMode::HomeManager
+            }
+        }
+        explicit => explicit,
+    }
+}
+
+/// Whether `program` is on the agent's PATH (used only to pick the switch tool).
+fn find_in_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}
+
+fn user_name() -> String {
+    std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        })
+        .unwrap_or_else(|| "root".into())
+}
+
+/// The argv of the switch for `host` in `dir`.
+pub(super) fn switch_command(ctx: &Context, dir: &Path) -> Cmd {
+    let host = ctx.host();
+    let timeout = ctx.settings.timeouts.switch;
+    let is_root = nix::unistd::geteuid().is_root();
+    match resolve_mode(ctx.settings.switch_mode) {
+        SwitchMode::Darwin => {
+            let cmd = if is_root {
+                Cmd::new("darwin-rebuild", dir, timeout, "Switch")
+            } else {
+                Cmd::new("sudo", dir, timeout, "Switch").args(["-n", "darwin-rebuild"])
+            };
+            cmd.args(["switch", "--flake", &format!(".#{host}")])
+        }
+        SwitchMode::HomeManager => Cmd::new("home-manager", dir, timeout, "Switch").args([
+            "switch",
+            "--flake",
+            &format!(".#{}@{host}", user_name()),
+        ]),
+        SwitchMode::Nixos | SwitchMode::Auto => {
+            // `sudo -n`: a password prompt in a daemon could only hang until the timeout.
+            let cmd = if is_root {
+                Cmd::new("nixos-rebuild", dir, timeout, "Switch")
+            } else {
+                Cmd::new("sudo", dir, timeout, "Switch").args(["-n", "nixos-rebuild"])
+            };
+            cmd.args(["switch", "--flake", &format!(".#{host}")])
+        }
+    }
+}
+
+/// Runs the switch and reports `Switch: ...` / `Switch failed: ...`.
+pub(super) async fn switch(ctx: &Context) -> SwitchResult {
+    let Some(dir) = require_repo(ctx, "Switch") else {
+        return SwitchResult {
+            ok: false,
+            exit: None,
+        };
+    };
+    let before = own_executable();
+    let result = ctx.run(switch_command(ctx, &dir)).await;
+    if result.ok {
+        ctx.ok(&format!("Switch: {}", result.text));
+        let exit = binary_replaced(before.as_deref()).then(|| {
+            tracing::info!("the switch installed a new agent binary; restarting into it");
+            crate::exit::RESTART_NEW_BINARY
+        });
+        SwitchResult { ok: true, exit }
+    } else {
+        ctx.error(&format!("Switch failed: {}", result.text));
+        SwitchResult {
+            ok: false,
+            exit: None,
+        }
+    }
+}
+
+/// The installed agent path (what the supervisor will start next time), resolved.
+fn own_executable() -> Option<PathBuf> {
+    std::env::current_exe().ok()
+}
+
+/// True when the stable install path now resolves to another file than the running binary.
+fn binary_replaced(running: Option<&Path>) -> bool {
+    let Some(running) = running else { return false };
+    let installed = std::env::var_os("NIXFLEET_AGENT_PATH")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let system = PathBuf::from("/run/current-system/sw/bin/nixfleet-agent");
+            system.exists().then_some(system)
+        });
+    let Some(installed) = installed else {
+        return false;
+    };
+    match (installed.canonicalize(), running.canonicalize()) {
+        (Ok(a), Ok(b)) => a != b,
+        _ => false,
+    }
+}
+
+/// `update`: `nix flake update nixfleet`, commit and push `flake.lock`, then switch. In
+/// isolated https mode without an SSH key (no push access) it is pull + switch, as in v1.
+pub(super) async fn update(ctx: &Context) -> SwitchResult {
+    let failed = SwitchResult {
+        ok: false,
+        exit: None,
+    };
+    if let RepoMode::Isolated { url, .. } = &ctx.settings.repo
+        && url.starts_with("https://")
+        && ctx.settings.ssh_key.is_none()
+    {
+        if git::pull(ctx, "Update").await {
+            return switch(ctx).await;
+        }
+        return failed;
+    }
+    let Some(dir) = require_repo(ctx, "Update") else {
+        return failed;
+    };
+    let timeouts = ctx.settings.timeouts.clone();
+    ctx.ok("Update: Updating flake...");
+    let flake = ctx
+        .run(
+            Cmd::new("nix", &dir, timeouts.flake, "nix flake update")
+                .args(["flake", "update", "nixfleet"])
+                .env("NIX_CONFIG", "experimental-features = nix-command flakes"),
+        )
+        .await;
+    if !flake.ok {
+        ctx.error(&format!("Update failed: {}", flake.text));
+        return failed;
+    }
+    let diff = ctx
+        .run(
+            ctx.git(&dir, timeouts.git_local, "git diff flake.lock")
+                .args(["diff", "--quiet", "--", "flake.lock"]),
+        )
+        .await;
+    if diff.ok {
+        ctx.ok("Update: Already up to date");
+        return SwitchResult {
+            ok: true,
+            exit: None,
+        };
+    }
+    let identity = format!("user.email=nixfleet-agent@{}", ctx.host());
+    let add = ctx
+        .run(
+            ctx.git(&dir, timeouts.git_local, "git add flake.lock")
+                .args(["add", "--", "flake.lock"]),
+        )
+        .await;
+    let commit = if add.ok {
+        ctx.run(
+            ctx.git(&dir, timeouts.git_local, "git commit")
+                .args(["-c", "user.name=nixfleet-agent", "-c", &identity])
+                .args([
+                    "commit",
+                    "-m",
+                    "chore: Update nixfleet flake input",
+                    "--",
+                    "flake.lock",
+                ]),
+        )
+        .await
+    } else {
+        add
+    };
+    if !commit.ok {
+        ctx.error(&format!("Update failed: {}", commit.text));
+        return failed;
+    }
+    ctx.ok("Update: Pushing flake.lock...");
+    let push = ctx
+        .run(ctx.git(&dir, timeouts.git, "git push").arg("push"))
+        .await;
+    let mut note = String::new();
+    if !push.ok {
+        // Undo the local commit and its lock change, then take what the remote has.
+        for (label, args) in [
+            ("git reset --soft", &["reset", "--soft", "HEAD~1"][..]),
+            ("git reset flake.lock", &["reset", "-q", "HEAD", "--", "flake.lock"][..]),
+            ("git checkout flake.lock", &["checkout", "--", "flake.lock"][..]),
+        ] {
+            let step = ctx
+                .run(ctx.git(&dir, timeouts.git_local, label).args(args.iter().copied()))
+                .await;
+            if !step.ok {
+                ctx.error(&format!(
+                    "Update failed: push failed ({}) and undoing the local commit failed: {}",
+                    first_line(&push.text),
+                    step.text
+                ));
+                return failed;
+            }
+        }
+        let pulled = git::pull_quietly(ctx, &dir).await;
+        note = format!(
+            "push failed ({}); undid the local commit and pulled{}; ",
+            first_line(&push.text),
+            if pulled.is_ok() { "" } else { " (pull failed)" }
+        );
+    }
+    ctx.ok(&format!("Update: {note}Rebuilding..."));
+    switch(ctx).await
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or("")
+}

@@ -1,0 +1,1173 @@
+//! Configuration: raw inputs from three sources merged into one [`RawConfig`], then validated
+//! into typed [`Settings`] in exactly one function, [`Settings::from_raw`].
+//!
+//! Every setting has one name (`interval`) used as the TOML key, one environment variable
+//! (`NIXFLEET_INTERVAL`, the v1 bash agent's names), and maybe a command-line flag. Precedence:
+//! flags > environment > config file > defaults. Raw values are kept as strings with their
+//! source, so an error can say exactly where a bad value came from and what to set instead.
+//! This module reads files (the config file, token files) but never the network, and never logs
+//! a secret: tokens live in [`Secret`], whose `Debug` is redacted.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+/// A value that must never reach a log line, an error message, argv or a child environment.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The raw value, for the one place that needs it (the Authorization header, the cache).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Where a raw value came from; named in error messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    Flag(&'static str),
+    Env(&'static str),
+    File(PathBuf),
+    /// `$CREDENTIALS_DIRECTORY/token` (systemd `LoadCredential=token:...`).
+    Credential(PathBuf),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Flag(flag) => write!(f, "command-line flag {flag}"),
+            Source::Env(var) => write!(f, "environment variable {var}"),
+            Source::File(path) => write!(f, "config file {}", path.display()),
+            Source::Credential(path) => write!(f, "systemd credential {}", path.display()),
+        }
+    }
+}
+
+/// One known setting: its TOML key, its environment variable, and its flag if any.
+pub struct SettingName {
+    pub key: &'static str,
+    pub env: &'static str,
+    pub flag: Option<&'static str>,
+}
+
+macro_rules! settings_table {
+    ($( $key:literal => $env:literal $(, $flag:literal)? ;)*) => {
+        /// Every setting the agent reads. The packaging checks compare module options to this.
+        pub const SETTINGS: &[SettingName] = &[
+            $( SettingName { key: $key, env: $env, flag: settings_table!(@flag $($flag)?) }, )*
+        ];
+    };
+    (@flag) => { None };
+    (@flag $flag:literal) => { Some($flag) };
+}
+
+settings_table! {
+    "url" => "NIXFLEET_URL", "--url";
+    "token_file" => "NIXFLEET_TOKEN_FILE", "--token-file";
+    "nixcfg" => "NIXFLEET_NIXCFG";
+    "repo_url" => "NIXFLEET_REPO_URL";
+    "repo_dir" => "NIXFLEET_REPO_DIR";
+    "branch" => "NIXFLEET_BRANCH";
+    "ssh_key" => "NIXFLEET_SSH_KEY";
+    "interval" => "NIXFLEET_INTERVAL", "--interval";
+    "token_cache" => "NIXFLEET_TOKEN_CACHE";
+    "location" => "NIXFLEET_LOCATION";
+    "device_type" => "NIXFLEET_DEVICE_TYPE";
+    "theme_color" => "NIXFLEET_THEME_COLOR";
+    "agent_version" => "NIXFLEET_AGENT_VERSION";
+    "allow_insecure_http" => "NIXFLEET_ALLOW_INSECURE_HTTP";
+    "ca_file" => "NIXFLEET_CA_FILE";
+    "pinned_pubkey" => "NIXFLEET_PINNED_PUBKEY";
+    "hostname" => "NIXFLEET_HOSTNAME", "--hostname";
+    "host_type" => "NIXFLEET_HOST_TYPE";
+    "backoff_cap" => "NIXFLEET_BACKOFF_CAP";
+    "stall_timeout" => "NIXFLEET_STALL_TIMEOUT";
+    "git_timeout" => "NIXFLEET_GIT_TIMEOUT";
+    "git_local_timeout" => "NIXFLEET_GIT_LOCAL_TIMEOUT";
+    "switch_timeout" => "NIXFLEET_SWITCH_TIMEOUT";
+    "flake_timeout" => "NIXFLEET_FLAKE_TIMEOUT";
+    "test_timeout" => "NIXFLEET_TEST_TIMEOUT";
+    "kill_grace" => "NIXFLEET_KILL_GRACE";
+    "shutdown_grace" => "NIXFLEET_SHUTDOWN_GRACE";
+    "switch_mode" => "NIXFLEET_SWITCH_MODE";
+    "state_dir" => "NIXFLEET_STATE_DIR", "--state-dir";
+    "runtime_dir" => "NIXFLEET_RUNTIME_DIR", "--runtime-dir";
+    "log" => "NIXFLEET_LOG";
+    "queue_limit" => "NIXFLEET_QUEUE_LIMIT";
+    "debug_wedge_file" => "NIXFLEET_DEBUG_WEDGE_FILE";
+}
+
+fn setting(key: &str) -> &'static SettingName {
+    SETTINGS
+        .iter()
+        .find(|s| s.key == key)
+        .expect("every key used in validation is in SETTINGS")
+}
+
+/// A configuration error: names the setting, where the bad value came from, and what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ConfigError {
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(message: impl Into<String>) -> Self {
+        ConfigError {
+            message: message.into(),
+        }
+    }
+
+    fn invalid(key: &str, raw: &RawValue, why: &str) -> Self {
+        ConfigError::new(format!(
+            "invalid {key} {:?} (from {}): {why}; fix it or unset it to use the default",
+            raw.value, raw.source
+        ))
+    }
+}
+
+/// One raw value and where it came from.
+#[derive(Clone, Debug)]
+pub struct RawValue {
+    pub value: String,
+    pub source: Source,
+}
+
+/// Inputs merged by precedence, not yet validated.
+#[derive(Clone, Debug, Default)]
+pub struct RawConfig {
+    values: BTreeMap<&'static str, RawValue>,
+    /// The token given directly in `NIXFLEET_TOKEN` (legacy; prefer a file).
+    env_token: Option<Secret>,
+    /// `$CREDENTIALS_DIRECTORY`, if systemd passed credentials.
+    credentials_dir: Option<PathBuf>,
+}
+
+/// Command-line values, already parsed by `cli`.
+#[derive(Clone, Debug, Default)]
+pub struct FlagValues {
+    pub config: Option<PathBuf>,
+    pub values: Vec<(&'static str, String)>,
+}
+
+impl RawConfig {
+    /// Merges file < environment < flags. `env` is passed in so tests need not touch the real
+    /// process environment.
+    pub fn gather(
+        flags: &FlagValues,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<RawConfig, ConfigError> {
+        let mut raw = RawConfig::default();
+        if let Some(path) = &flags.config {
+            raw.merge_file(path)?;
+        }
+        for name in SETTINGS {
+            if let Some(value) = env(name.env) {
+                raw.values.insert(
+                    name.key,
+                    RawValue {
+                        value,
+                        source: Source::Env(name.env),
+                    },
+                );
+            }
+        }
+        for (key, value) in &flags.values {
+            let name = setting(key);
+            raw.values.insert(
+                name.key,
+                RawValue {
+                    value: value.clone(),
+                    source: Source::Flag(name.flag.unwrap_or("")),
+                },
+            );
+        }
+        raw.env_token = env("NIXFLEET_TOKEN")
+            .filter(|t| !t.trim().is_empty())
+            .map(|t| Secret::new(t.trim().to_string()));
+        raw.credentials_dir = env("CREDENTIALS_DIRECTORY")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from);
+        Ok(raw)
+    }
+
+    fn merge_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(format!(
+                "cannot read config file {} (--config): {e}",
+                path.display()
+            ))
+        })?;
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::new(format!(
+                "config file {} is not valid TOML: {}",
+                path.display(),
+                e.message()
+            ))
+        })?;
+        for (key, value) in table {
+            let Some(name) = SETTINGS.iter().find(|s| s.key == key) else {
+                if key == "token" {
+                    return Err(ConfigError::new(format!(
+                        "config file {}: `token` is not accepted in a config file (it may end up \
+                         in the Nix store); put the token in a file and set token_file",
+                        path.display()
+                    )));
+                }
+                return Err(ConfigError::new(format!(
+                    "config file {}: unknown setting `{key}`; known settings: {}",
+                    path.display(),
+                    SETTINGS.iter().map(|s| s.key).collect::<Vec<_>>().join(", ")
+                )));
+            };
+            let value = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(ConfigError::new(format!(
+                        "config file {}: `{key}` must be a string, number or boolean, not {}",
+                        path.display(),
+                        other.type_str()
+                    )));
+                }
+            };
+            self.values.insert(
+                name.key,
+                RawValue {
+                    value,
+                    source: Source::File(path.to_path_buf()),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> Option<&RawValue> {
+        self.values
+            .get(key)
+            .filter(|raw| !raw.value.trim().is_empty())
+    }
+}
+
+/// Where the configured token came from; named when the dashboard rejects it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenOrigin {
+    File(PathBuf),
+    Env,
+    Credential(PathBuf),
+}
+
+impl fmt::Display for TokenOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenOrigin::File(p) => write!(f, "token file {}", p.display()),
+            TokenOrigin::Env => f.write_str("NIXFLEET_TOKEN"),
+            TokenOrigin::Credential(p) => write!(f, "systemd credential {}", p.display()),
+        }
+    }
+}
+
+/// How the config repository is managed (contract §9.1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RepoMode {
+    /// `NIXFLEET_NIXCFG`: an existing checkout, used in place (`git pull`).
+    Legacy { dir: PathBuf },
+    /// `NIXFLEET_REPO_URL` + `NIXFLEET_REPO_DIR`: the agent owns the clone (fetch + hard reset).
+    Isolated {
+        url: String,
+        dir: PathBuf,
+        branch: String,
+    },
+    /// Neither: the agent heartbeats, commands that need the repo report an error.
+    None,
+}
+
+impl RepoMode {
+    pub fn dir(&self) -> Option<&Path> {
+        match self {
+            RepoMode::Legacy { dir } | RepoMode::Isolated { dir, .. } => Some(dir),
+            RepoMode::None => None,
+        }
+    }
+}
+
+/// Which tool applies a configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwitchMode {
+    Auto,
+    Nixos,
+    Darwin,
+    HomeManager,
+}
+
+/// Per-class child-process timeouts (`../shared/agent-resilience.md` §4).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub git: Duration,
+    pub git_local: Duration,
+    pub switch: Duration,
+    pub flake: Duration,
+    pub test: Duration,
+    pub kill_grace: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            git: Duration::from_secs(120),
+            git_local: Duration::from_secs(30),
+            switch: Duration::from_secs(600),
+            flake: Duration::from_secs(300),
+            test: Duration::from_secs(300),
+            kill_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The `host_type` the dashboard accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostType {
+    Nixos,
+    Macos,
+}
+
+impl HostType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostType::Nixos => "nixos",
+            HostType::Macos => "macos",
+        }
+    }
+}
+
+/// What the dashboard is told about this host, validated against its field limits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostIdentity {
+    pub hostname: String,
+    pub host_type: HostType,
+    pub location: String,
+    pub device_type: String,
+    pub theme_color: Option<String>,
+    pub criticality: &'static str,
+}
+
+/// Validated settings: everything the rest of the agent needs, typed.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub url: reqwest::Url,
+    pub allow_insecure_http: bool,
+    pub ca_file: Option<PathBuf>,
+    /// SHA-256 digests of acceptable server public keys (curl `--pinnedpubkey sha256//...`).
+    pub pinned_pubkeys: Vec<[u8; 32]>,
+    pub token: Option<(Secret, TokenOrigin)>,
+    /// Explicit token cache path; `None` means `<state dir>/token`.
+    pub token_cache: Option<PathBuf>,
+    pub repo: RepoMode,
+    pub ssh_key: Option<PathBuf>,
+    pub interval: Duration,
+    pub backoff_cap: Duration,
+    pub stall_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub host: HostIdentity,
+    pub agent_version: String,
+    pub timeouts: Timeouts,
+    pub switch_mode: SwitchMode,
+    pub state_dir: Option<PathBuf>,
+    pub runtime_dir: Option<PathBuf>,
+    pub log_filter: Option<String>,
+    pub queue_limit: usize,
+    /// Test-only hook: while this file exists the main loop blocks its thread, to prove that
+    /// the watchdog pings stop and the stall monitor fires.
+    pub debug_wedge_file: Option<PathBuf>,
+}
+
+/// Facts from the machine that validation needs; passed in so tests control them.
+#[derive(Clone, Debug)]
+pub struct MachineFacts {
+    pub hostname: String,
+    pub is_nixos: bool,
+    pub is_macos: bool,
+}
+
+impl MachineFacts {
+    pub fn detect() -> Self {
+        MachineFacts {
+            hostname: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            is_nixos: Path::new("/etc/NIXOS").exists(),
+            is_macos: cfg!(target_os = "macos"),
+        }
+    }
+}
+
+fn is_host_id(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
+        && s.len() <= 63
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+fn parse_bool(key: &str, raw: &RawValue) -> Result<bool, ConfigError> {
+    match raw.value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::invalid(
+            key,
+            raw,
+            "expected 1, true, yes (or 0, false, no)",
+        )),
+    }
+}
+
+/// Parses `30`, `30s`, `1.5`, `500ms`, `5m`, `1h` into a duration.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = text.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (text, 1.0)
+    };
+    let value: f64 = number.trim().parse().ok()?;
+    if !value.is_finite() || value < 0.0 {
+        return None;
+    }
+    Some(Duration::from_secs_f64(value * scale))
+}
+
+fn duration_setting(
+    raw: &RawConfig,
+    key: &str,
+    default: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<Duration, ConfigError> {
+    let Some(value) = raw.get(key) else {
+        return Ok(default);
+    };
+    match parse_duration(&value.value) {
+        Some(d) if d >= min && d <= max => Ok(d),
+        _ => Err(ConfigError::invalid(
+            key,
+            value,
+            &format!(
+                "expected a duration in seconds (e.g. 30, 30s, 500ms, 5m) between {} and {}",
+                human_duration(min),
+                human_duration(max)
+            ),
+        )),
+    }
+}
+
+/// `90s` -> "90s", `600s` -> "600s", sub-second -> "250ms": the words the reports use.
+pub fn human_duration(d: Duration) -> String {
+    if d.subsec_millis() != 0 && d.as_secs() < 10 {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}s", d.as_secs())
+    }
+}
+
+/// Decodes `sha256//<b64>[;sha256//<b64>...]` or reads a PEM/DER public key file, like curl.
+fn parse_pins(raw: &RawValue) -> Result<Vec<[u8; 32]>, ConfigError> {
+    use base64::Engine as _;
+    let text = raw.value.trim();
+    if text.starts_with("sha256//") {
+        let mut pins = Vec::new();
+        for part in text.split(';') {
+            let b64 = part.trim().strip_prefix("sha256//").ok_or_else(|| {
+                ConfigError::invalid("pinned_pubkey", raw, "each pin must start with sha256//")
+            })?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|_| {
+                    ConfigError::invalid("pinned_pubkey", raw, "the pin is not valid base64")
+                })?;
+            let pin: [u8; 32] = bytes.try_into().map_err(|_| {
+                ConfigError::invalid(
+                    "pinned_pubkey",
+                    raw,
+                    "a sha256 pin is 32 bytes (44 base64 characters)",
+                )
+            })?;
+            pins.push(pin);
+        }
+        return Ok(pins);
+    }
+    let bytes = std::fs::read(text).map_err(|e| {
+        ConfigError::invalid(
+            "pinned_pubkey",
+            raw,
+            &format!("expected sha256//<base64> or a public key file, and reading it failed: {e}"),
+        )
+    })?;
+    let der = match std::str::from_utf8(&bytes) {
+        Ok(pem) if pem.contains("-----BEGIN PUBLIC KEY-----") => {
+            use rustls::pki_types::SubjectPublicKeyInfoDer;
+            use rustls::pki_types::pem::PemObject as _;
+            SubjectPublicKeyInfoDer::from_pem_slice(&bytes)
+                .map_err(|e| {
+                    ConfigError::invalid(
+                        "pinned_pubkey",
+                        raw,
+                        &format!("not a PEM public key: {e}"),
+                    )
+                })?
+                .to_vec()
+        }
+        _ => bytes,
+    };
+    Ok(vec![Sha256::digest(&der).into()])
+}
+
+fn read_token_file(path: &Path, what: &str) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new(format!(
+            "cannot read the token from {} ({what}): {e}; check the path and that the agent's \
+             user may read it",
+            path.display()
+        ))
+    })?;
+    let token = parse_token_text(&text);
+    if token.is_empty() {
+        return Err(ConfigError::new(format!(
+            "the token file {} ({what}) is empty; write the dashboard token into it",
+            path.display()
+        )));
+    }
+    Ok(Secret::new(token))
+}
+
+/// A token file holds the bare token or `NIXFLEET_TOKEN=<token>` (the v1 cache format, which is
+/// also a systemd `EnvironmentFile`); surrounding whitespace and CR are ignored.
+pub fn parse_token_text(text: &str) -> String {
+    let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let line = line.trim();
+    let line = line.strip_prefix("NIXFLEET_TOKEN=").unwrap_or(line);
+    line.trim().trim_matches('"').trim_matches('\'').to_string()
+}
+
+/// v1's defaults derived from the host name (contract §9.1).
+fn derived_location(host: &str) -> &'static str {
+    if host.starts_with("csb") {
+        "cloud"
+    } else if host.starts_with("mba-") && host.ends_with("-work") {
+        "work"
+    } else {
+        "home"
+    }
+}
+
+fn derived_device_type(host: &str) -> &'static str {
+    if host.starts_with("hsb") || host.starts_with("csb") {
+        "server"
+    } else if host.starts_with("gpc") {
+        "gaming"
+    } else if host.contains("mbp") || host.contains("mba") {
+        "laptop"
+    } else if host.starts_with("imac") {
+        "desktop"
+    } else {
+        "server"
+    }
+}
+
+fn derived_criticality(host: &str) -> &'static str {
+    match host {
+        "hsb0" | "csb0" => "high",
+        "hsb1" | "hsb8" | "csb1" => "medium",
+        _ => "low",
+    }
+}
+
+impl Settings {
+    /// The one validation step: raw strings in, typed settings or the first error out.
+    pub fn from_raw(raw: &RawConfig, machine: &MachineFacts) -> Result<Settings, ConfigError> {
+        let allow_insecure_http = match raw.get("allow_insecure_http") {
+            Some(v) => parse_bool("allow_insecure_http", v)?,
+            None => false,
+        };
+
+        let url_raw = raw.get("url").ok_or_else(|| {
+            ConfigError::new(
+                "no dashboard URL: set NIXFLEET_URL (or `url` in the config file, or --url), \
+                 e.g. https://fleet.example.com",
+            )
+        })?;
+        let mut url: reqwest::Url = url_raw.value.trim().parse().map_err(|e| {
+            ConfigError::invalid("url", url_raw, &format!("not a valid URL ({e})"))
+        })?;
+        match url.scheme() {
+            "https" => {}
+            "http" if allow_insecure_http => {}
+            "http" => {
+                return Err(ConfigError::invalid(
+                    "url",
+                    url_raw,
+                    "plain http sends the token in clear text; use https, or set \
+                     NIXFLEET_ALLOW_INSECURE_HTTP=1 if you really mean it",
+                ));
+            }
+            _ => return Err(ConfigError::invalid("url", url_raw, "must be https://")),
+        }
+        if url.host_str().is_none() {
+            return Err(ConfigError::invalid("url", url_raw, "has no host"));
+        }
+        let trimmed = url.path().trim_end_matches('/').to_string();
+        url.set_path(&trimmed);
+
+        let ca_file = raw.get("ca_file").map(|v| PathBuf::from(v.value.trim()));
+        if let (Some(path), Some(v)) = (&ca_file, raw.get("ca_file"))
+            && !path.is_file()
+        {
+            return Err(ConfigError::invalid(
+                "ca_file",
+                v,
+                "no such file; point it at a PEM file of CA certificates",
+            ));
+        }
+        let pinned_pubkeys = match raw.get("pinned_pubkey") {
+            Some(v) => parse_pins(v)?,
+            None => Vec::new(),
+        };
+
+        let token = if let Some(v) = raw.get("token_file").filter(|v| {
+            matches!(v.source, Source::Flag(_) | Source::Env(_)) || raw.env_token.is_none()
+        }) {
+            let path = PathBuf::from(v.value.trim());
+            let secret = read_token_file(&path, &format!("token_file from {}", v.source))?;
+            Some((secret, TokenOrigin::File(path)))
+        } else if let Some(secret) = &raw.env_token {
+            Some((secret.clone(), TokenOrigin::Env))
+        } else if let Some(dir) = &raw.credentials_dir {
+            let path = dir.join("token");
+            if path.exists() {
+                let secret = read_token_file(&path, "systemd LoadCredential=token:...")?;
+                Some((secret, TokenOrigin::Credential(path)))
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+
+        let repo = match (raw.get("repo_url"), raw.get("nixcfg")) {
+            (Some(url), _) => {
+                let dir = raw.get("repo_dir").ok_or_else(|| {
+                    ConfigError::new(format!(
+                        "repo_url is set (from {}) but repo_dir is not: set NIXFLEET_REPO_DIR \
+                         to the directory the agent should clone into",
+                        url.source
+                    ))
+                })?;
+                let dir = PathBuf::from(dir.value.trim());
+                if !dir.is_absolute() {
+                    return Err(ConfigError::invalid(
+                        "repo_dir",
+                        raw.get("repo_dir").expect("checked above"),
+                        "must be an absolute path",
+                    ));
+                }
+                RepoMode::Isolated {
+                    url: url.value.trim().to_string(),
+                    dir,
+                    branch: raw
+                        .get("branch")
+                        .map(|b| b.value.trim().to_string())
+                        .unwrap_or_else(|| "main".into()),
+                }
+            }
+            (None, Some(dir)) => RepoMode::Legacy {
+                dir: PathBuf::from(dir.value.trim()),
+            },
+            (None, None) => RepoMode::None,
+        };
+        if let Some(branch) = raw.get("branch")
+            && (branch.value.starts_with('-') || branch.value.contains(char::is_whitespace))
+        {
+            return Err(ConfigError::invalid(
+                "branch",
+                branch,
+                "not a valid git branch name",
+            ));
+        }
+
+        let interval_raw = raw.get("interval");
+        let interval = match interval_raw {
+            None => Duration::from_secs(30),
+            Some(v) => match v.value.trim().parse::<u64>() {
+                Ok(n @ 1..=3600) => Duration::from_secs(n),
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "interval",
+                        v,
+                        "expected whole seconds from 1 to 3600 (the dashboard's limit)",
+                    ));
+                }
+            },
+        };
+        let default_cap = interval.max(Duration::from_secs(60));
+        let backoff_cap = duration_setting(
+            raw,
+            "backoff_cap",
+            default_cap,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        )?;
+        let stall_timeout = duration_setting(
+            raw,
+            "stall_timeout",
+            Duration::from_secs(300),
+            Duration::from_millis(200),
+            Duration::from_secs(86_400),
+        )?;
+        let shutdown_grace = duration_setting(
+            raw,
+            "shutdown_grace",
+            Duration::from_secs(20),
+            Duration::ZERO,
+            Duration::from_secs(3600),
+        )?;
+        let day = Duration::from_secs(86_400);
+        let ms = Duration::from_millis(100);
+        let defaults = Timeouts::default();
+        let timeouts = Timeouts {
+            git: duration_setting(raw, "git_timeout", defaults.git, ms, day)?,
+            git_local: duration_setting(raw, "git_local_timeout", defaults.git_local, ms, day)?,
+            switch: duration_setting(raw, "switch_timeout", defaults.switch, ms, day)?,
+            flake: duration_setting(raw, "flake_timeout", defaults.flake, ms, day)?,
+            test: duration_setting(raw, "test_timeout", defaults.test, ms, day)?,
+            kill_grace: duration_setting(
+                raw,
+                "kill_grace",
+                defaults.kill_grace,
+                Duration::ZERO,
+                Duration::from_secs(600),
+            )?,
+        };
+
+        let hostname = match raw.get("hostname") {
+            Some(v) => {
+                let h = v.value.trim().to_string();
+                if !is_host_id(&h) {
+                    return Err(ConfigError::invalid(
+                        "hostname",
+                        v,
+                        "the dashboard accepts 1-63 letters, digits and '-', starting with a letter",
+                    ));
+                }
+                h
+            }
+            None => {
+                let short = machine.hostname.split('.').next().unwrap_or("").to_string();
+                if !is_host_id(&short) {
+                    return Err(ConfigError::new(format!(
+                        "this machine's host name {:?} is not a valid dashboard host id (1-63 \
+                         letters, digits and '-', starting with a letter); set NIXFLEET_HOSTNAME",
+                        machine.hostname
+                    )));
+                }
+                short
+            }
+        };
+        let host_type = match raw.get("host_type") {
+            Some(v) => match v.value.trim() {
+                "nixos" => HostType::Nixos,
+                "macos" => HostType::Macos,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "host_type",
+                        v,
+                        "the dashboard accepts only nixos or macos",
+                    ));
+                }
+            },
+            // The dashboard knows only nixos|macos; v1 sent `linux` from a non-NixOS Linux and
+            // was rejected with 422 forever. A Linux host with Nix is closest to `nixos`.
+            None if machine.is_macos => HostType::Macos,
+            None => HostType::Nixos,
+        };
+        let location = match raw.get("location") {
+            Some(v) if v.value.chars().count() > 50 => {
+                return Err(ConfigError::invalid(
+                    "location",
+                    v,
+                    "at most 50 characters",
+                ));
+            }
+            Some(v) => v.value.trim().to_string(),
+            None => derived_location(&hostname).to_string(),
+        };
+        let device_type = match raw.get("device_type") {
+            Some(v) => {
+                let d = v.value.trim();
+                if !matches!(d, "server" | "desktop" | "laptop" | "gaming") {
+                    return Err(ConfigError::invalid(
+                        "device_type",
+                        v,
+                        "the dashboard accepts server, desktop, laptop or gaming",
+                    ));
+                }
+                d.to_string()
+            }
+            None => derived_device_type(&hostname).to_string(),
+        };
+        let theme_color = match raw.get("theme_color") {
+            Some(v) => {
+                let c = v.value.trim();
+                let ok = c.len() == 7
+                    && c.starts_with('#')
+                    && c[1..].chars().all(|ch| ch.is_ascii_hexdigit());
+                if !ok {
+                    return Err(ConfigError::invalid(
+                        "theme_color",
+                        v,
+                        "expected #rrggbb, e.g. #769ff0",
+                    ));
+                }
+                Some(c.to_string())
+            }
+            None => None,
+        };
+        let criticality = derived_criticality(&hostname);
+
+        let agent_version = match raw.get("agent_version") {
+            Some(v) if v.value.trim().chars().count() > 20 => {
+                return Err(ConfigError::invalid(
+                    "agent_version",
+                    v,
+                    "the dashboard rejects versions longer than 20 characters",
+                ));
+            }
+            Some(v) => v.value.trim().to_string(),
+            None => default_agent_version(),
+        };
+
+        let switch_mode = match raw.get("switch_mode") {
+            None => SwitchMode::Auto,
+            Some(v) => match v.value.trim() {
+                "auto" => SwitchMode::Auto,
+                "nixos" => SwitchMode::Nixos,
+                "darwin" => SwitchMode::Darwin,
+                "home-manager" => SwitchMode::HomeManager,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "switch_mode",
+                        v,
+                        "expected auto, nixos, darwin or home-manager",
+                    ));
+                }
+            },
+        };
+        let queue_limit = match raw.get("queue_limit") {
+            None => 8,
+            Some(v) => match v.value.trim().parse::<usize>() {
+                Ok(n @ 1..=100) => n,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "queue_limit",
+                        v,
+                        "expected a number of commands from 1 to 100",
+                    ));
+                }
+            },
+        };
+        let path_setting = |key: &str| -> Result<Option<PathBuf>, ConfigError> {
+            match raw.get(key) {
+                None => Ok(None),
+                Some(v) => {
+                    let p = PathBuf::from(v.value.trim());
+                    if p.is_absolute() {
+                        Ok(Some(p))
+                    } else {
+                        Err(ConfigError::invalid(key, v, "must be an absolute path"))
+                    }
+                }
+            }
+        };
+
+        Ok(Settings {
+            url,
+            allow_insecure_http,
+            ca_file,
+            pinned_pubkeys,
+            token,
+            token_cache: path_setting("token_cache")?,
+            repo,
+            ssh_key: path_setting("ssh_key")?,
+            interval,
+            backoff_cap,
+            stall_timeout,
+            shutdown_grace,
+            host: HostIdentity {
+                hostname,
+                host_type,
+                location,
+                device_type,
+                theme_color,
+                criticality,
+            },
+            agent_version,
+            timeouts,
+            switch_mode,
+            state_dir: path_setting("state_dir")?,
+            runtime_dir: path_setting("runtime_dir")?,
+            log_filter: raw.get("log").map(|v| v.value.trim().to_string()),
+            queue_limit,
+            debug_wedge_file: path_setting("debug_wedge_file")?,
+        })
+    }
+
+    /// A human summary for `check-config`, with the token redacted.
+    pub fn describe(&self) -> String {
+        let token = match &self.token {
+            Some((_, origin)) => format!("*** (from {origin})"),
+            None => "none configured (the cached per-host token must exist)".into(),
+        };
+        format!(
+            "url = {}\ntoken = {token}\nhostname = {}\nhost_type = {}\nlocation = {}\n\
+             device_type = {}\ninterval = {}\nbackoff_cap = {}\nrepo = {:?}\n\
+             agent_version = {}\ntimeouts = {:?}\nswitch_mode = {:?}\nstall_timeout = {}\n",
+            self.url,
+            self.host.hostname,
+            self.host.host_type.as_str(),
+            self.host.location,
+            self.host.device_type,
+            human_duration(self.interval),
+            human_duration(self.backoff_cap),
+            self.repo,
+            self.agent_version,
+            self.timeouts,
+            self.switch_mode,
+            human_duration(self.stall_timeout),
+        )
+    }
+}
+
+/// The version sent to the dashboard: the crate version, at most 20 characters.
+pub fn default_agent_version() -> String {
+    let v = env!("CARGO_PKG_VERSION");
+    v.chars().take(20).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine() -> MachineFacts {
+        MachineFacts {
+            hostname: "hsb1.example.org".into(),
+            is_nixos: true,
+            is_macos: false,
+        }
+    }
+
+    fn settings(env: &[(&str, &str)], flags: &[(&'static str, &str)]) -> Result<Settings, String> {
+        let env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let flags = FlagValues {
+            config: None,
+            values: flags.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+        };
+        let raw = RawConfig::gather(&flags, &|k| env.get(k).cloned()).map_err(|e| e.message)?;
+        Settings::from_raw(&raw, &machine()).map_err(|e| e.message)
+    }
+
+    const BASE: &[(&str, &str)] = &[
+        ("NIXFLEET_URL", "https://fleet.example.org/"),
+        ("NIXFLEET_TOKEN", "tok"),
+    ];
+
+    fn with(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+        let mut v: Vec<_> = BASE.to_vec();
+        v.extend_from_slice(extra);
+        v
+    }
+
+    #[test]
+    fn defaults_follow_v1() {
+        let s = settings(BASE, &[]).unwrap();
+        assert_eq!(s.url.as_str(), "https://fleet.example.org/");
+        assert_eq!(s.host.hostname, "hsb1");
+        assert_eq!(s.host.criticality, "medium");
+        assert_eq!(s.host.device_type, "server");
+        assert_eq!(s.interval, Duration::from_secs(30));
+        assert_eq!(s.backoff_cap, Duration::from_secs(60));
+        assert_eq!(s.timeouts, Timeouts::default());
+        assert_eq!(s.token.as_ref().unwrap().1, TokenOrigin::Env);
+        assert_eq!(s.repo, RepoMode::None);
+    }
+
+    #[test]
+    fn http_needs_explicit_permission() {
+        let err = settings(&with(&[("NIXFLEET_URL", "http://x:1")]), &[]).unwrap_err();
+        assert!(err.contains("NIXFLEET_ALLOW_INSECURE_HTTP"), "{err}");
+        let ok = settings(
+            &with(&[
+                ("NIXFLEET_URL", "http://x:1"),
+                ("NIXFLEET_ALLOW_INSECURE_HTTP", "yes"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert!(ok.allow_insecure_http);
+    }
+
+    #[test]
+    fn errors_name_the_setting_and_source() {
+        let err = settings(&with(&[("NIXFLEET_INTERVAL", "0")]), &[]).unwrap_err();
+        assert!(err.contains("interval") && err.contains("NIXFLEET_INTERVAL"), "{err}");
+        let err = settings(&with(&[("NIXFLEET_GIT_TIMEOUT", "soon")]), &[]).unwrap_err();
+        assert!(err.contains("git_timeout") && err.contains("NIXFLEET_GIT_TIMEOUT"));
+        let err = settings(
+            &with(&[("NIXFLEET_AGENT_VERSION", "0.1.0-very-long-version")]),
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.contains("20 characters"), "{err}");
+        let err = settings(&with(&[("NIXFLEET_DEVICE_TYPE", "vm")]), &[]).unwrap_err();
+        assert!(err.contains("device_type"), "{err}");
+        let err = settings(&[("NIXFLEET_TOKEN", "t")], &[]).unwrap_err();
+        assert!(err.contains("NIXFLEET_URL"), "{err}");
+    }
+
+    #[test]
+    fn flags_beat_environment_beat_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, "interval = 10\nlocation = \"cloud\"\nbranch = \"dev\"\n").unwrap();
+        let env: BTreeMap<String, String> = with(&[("NIXFLEET_INTERVAL", "20")])
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let flags = FlagValues {
+            config: Some(file.clone()),
+            values: vec![],
+        };
+        let raw = RawConfig::gather(&flags, &|k| env.get(k).cloned()).unwrap();
+        let s = Settings::from_raw(&raw, &machine()).unwrap();
+        assert_eq!(s.interval, Duration::from_secs(20));
+        assert_eq!(s.host.location, "cloud");
+        let flags = FlagValues {
+            config: Some(file),
+            values: vec![("interval", "5".into())],
+        };
+        let raw = RawConfig::gather(&flags, &|k| env.get(k).cloned()).unwrap();
+        assert_eq!(
+            Settings::from_raw(&raw, &machine()).unwrap().interval,
+            Duration::from_secs(5)
+        );
+    }
+
+    #[test]
+    fn config_file_rejects_unknown_keys_and_inline_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, "token = \"x\"\n").unwrap();
+        let flags = FlagValues {
+            config: Some(file.clone()),
+            values: vec![],
+        };
+        let err = RawConfig::gather(&flags, &|_| None).unwrap_err().message;
+        assert!(err.contains("token_file"), "{err}");
+        std::fs::write(&file, "intervall = 3\n").unwrap();
+        let err = RawConfig::gather(&flags, &|_| None).unwrap_err().message;
+        assert!(err.contains("unknown setting `intervall`"), "{err}");
+    }
+
+    #[test]
+    fn token_file_and_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "NIXFLEET_TOKEN=abc\r\n").unwrap();
+        let path = file.to_str().unwrap();
+        let s = settings(
+            &[
+                ("NIXFLEET_URL", "https://x"),
+                ("NIXFLEET_TOKEN_FILE", path),
+                ("NIXFLEET_TOKEN", "env"),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.token.as_ref().unwrap().0.expose(), "abc");
+        let cred_dir = dir.path().to_str().unwrap();
+        let s = settings(
+            &[
+                ("NIXFLEET_URL", "https://x"),
+                ("CREDENTIALS_DIRECTORY", cred_dir),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert!(matches!(s.token.unwrap().1, TokenOrigin::Credential(_)));
+        let err = settings(
+            &[
+                ("NIXFLEET_URL", "https://x"),
+                ("NIXFLEET_TOKEN_FILE", "/nonexistent/token"),
+            ],
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.contains("/nonexistent/token"), "{err}");
+        assert!(!format!("{:?}", Secret::new("abc")).contains("abc"));
+    }
+
+    #[test]
+    fn pins_parse_like_curl() {
+        let pin = "sha256//AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        let s = settings(&with(&[("NIXFLEET_PINNED_PUBKEY", pin)]), &[]).unwrap();
+        assert_eq!(s.pinned_pubkeys, vec![[0u8; 32]]);
+        let err = settings(&with(&[("NIXFLEET_PINNED_PUBKEY", "sha256//abc")]), &[]).unwrap_err();
+        assert!(err.contains("pinned_pubkey"), "{err}");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("30"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1.5"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("-1"), None);
+        assert_eq!(parse_duration("x"), None);
+    }
+
+    #[test]
+    fn isolated_mode_needs_repo_dir() {
+        let err = settings(&with(&[("NIXFLEET_REPO_URL", "https://g/x.git")]), &[]).unwrap_err();
+        assert!(err.contains("NIXFLEET_REPO_DIR"), "{err}");
+        let s = settings(
+            &with(&[
+                ("NIXFLEET_REPO_URL", "https://g/x.git"),
+                ("NIXFLEET_REPO_DIR", "/var/lib/x"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert!(matches!(s.repo, RepoMode::Isolated { ref branch, .. } if branch == "main"));
+    }
+}

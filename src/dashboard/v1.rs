@@ -1,0 +1,270 @@
+//! NixFleet v1 over HTTPS: `POST /api/hosts/{id}/register`, `/status`, `/test-progress`
+//! (contract: `docs/protocol-v1.md`).
+//!
+//! Owns the HTTP client (rustls, connect timeout 5 s, total 30 s, bodies capped at 1 MiB) and the
+//! mapping of v1 answers to [`DashboardError`]. It never logs a token and never puts one in an
+//! error: errors carry the dashboard's own words, which never echo the Authorization header.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde::Deserialize;
+
+use super::{DashboardError, Heartbeat, HeartbeatReply, Report, ReportReply, Transport};
+use crate::config::Settings;
+
+/// Largest reply body we read; anything longer is refused without growing the agent.
+pub const MAX_REPLY_BYTES: usize = 1024 * 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The v1 client. Cloning shares the connection pool.
+#[derive(Clone, Debug)]
+pub struct V1Client {
+    http: reqwest::Client,
+    /// `<base>/api/hosts/<host>` without a trailing slash.
+    host_base: String,
+}
+
+/// Reply of register and poll. Unknown fields are ignored on purpose.
+#[derive(Deserialize)]
+struct RegisterReplyWire {
+    #[serde(default)]
+    command: Option<String>,
+    #[serde(default)]
+    agent_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct AnyReplyWire {
+    #[serde(default)]
+    agent_token: Option<String>,
+}
+
+/// FastAPI's error body: `{"detail": "text"}` or `{"detail": [{"loc": [...], "msg": ...}]}`.
+#[derive(Deserialize)]
+struct ErrorBody {
+    detail: Option<serde_json::Value>,
+}
+
+impl V1Client {
+    pub fn new(settings: &Settings) -> anyhow::Result<Self> {
+        let tls = super::tls::client_config(settings)?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .https_only(!settings.allow_insecure_http)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .user_agent(concat!("nixfleet-agent/", env!("CARGO_PKG_VERSION")))
+            // The agent talks to one dashboard; following redirects could send the token
+            // elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(1)
+            .build()
+            .map_err(|e| anyhow::anyhow!("failed to build the HTTP client: {e}"))?;
+        let base = settings.url.as_str().trim_end_matches('/');
+        Ok(V1Client {
+            http,
+            host_base: format!("{base}/api/hosts/{}", settings.host.hostname),
+        })
+    }
+
+    async fn post_json<T: serde::Serialize + ?Sized>(
+        &self,
+        endpoint: &str,
+        token: &str,
+        body: &T,
+    ) -> Result<Vec<u8>, DashboardError> {
+        let url = format!("{}/{endpoint}", self.host_base);
+        let response = self
+            .http
+            .post(&url)
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .map_err(classify_send_error)?;
+        let status = response.status();
+        let body = read_capped(response).await?;
+        if status.is_success() {
+            return Ok(body);
+        }
+        Err(error_for(status, &body))
+    }
+}
+
+impl Transport for V1Client {
+    async fn heartbeat(
+        &self,
+        token: &str,
+        beat: &Heartbeat,
+    ) -> Result<HeartbeatReply, DashboardError> {
+        let body = self.post_json("register", token, beat).await?;
+        let wire: RegisterReplyWire = serde_json::from_slice(&body)
+            .map_err(|e| DashboardError::BadReply(format!("invalid JSON: {e}")))?;
+        Ok(HeartbeatReply {
+            command: wire.command.filter(|c| !c.trim().is_empty()),
+            agent_token: wire.agent_token.filter(|t| !t.is_empty()),
+        })
+    }
+
+    async fn report(&self, token: &str, report: &Report) -> Result<ReportReply, DashboardError> {
+        let body = match report {
+            Report::Status(status) => self.post_json("status", token, status).await?,
+            Report::TestProgress(progress) => {
+                self.post_json("test-progress", token, progress).await?
+            }
+        };
+        // A report's success does not depend on its body; a token in it is still honoured.
+        let agent_token = serde_json::from_slice::<AnyReplyWire>(&body)
+            .ok()
+            .and_then(|w| w.agent_token)
+            .filter(|t| !t.is_empty());
+        Ok(ReportReply { agent_token })
+    }
+}
+
+fn classify_send_error(err: reqwest::Error) -> DashboardError {
+    if err.is_timeout() {
+        return DashboardError::Timeout(REQUEST_TIMEOUT.as_secs());
+    }
+    // reqwest's Display stops at "error sending request"; the cause chain names the real
+    // reason (connection refused, DNS, certificate). URLs carry no secrets here.
+    let mut reason = String::new();
+    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(&err);
+    while let Some(s) = source {
+        reason = s.to_string();
+        source = s.source();
+    }
+    if reason.is_empty() {
+        reason = err.to_string();
+    }
+    let reason = if reason.contains("Connection refused") {
+        "connection refused".to_string()
+    } else {
+        reason
+    };
+    DashboardError::Unreachable(reason)
+}
+
+async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, DashboardError> {
+    if let Some(len) = response.content_length()
+        && len > MAX_REPLY_BYTES as u64
+    {
+        return Err(DashboardError::BadReply(format!(
+            "reply of {len} bytes is over the {MAX_REPLY_BYTES}-byte limit"
+        )));
+    }
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_REPLY_BYTES {
+                    return Err(DashboardError::BadReply(format!(
+                        "reply is over the {MAX_REPLY_BYTES}-byte limit"
+                    )));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) if e.is_timeout() => {
+                return Err(DashboardError::Timeout(REQUEST_TIMEOUT.as_secs()));
+            }
+            Err(e) => return Err(DashboardError::BadReply(format!("reading the reply: {e}"))),
+        }
+    }
+}
+
+fn error_for(status: StatusCode, body: &[u8]) -> DashboardError {
+    let parsed: Option<ErrorBody> = serde_json::from_slice(body).ok();
+    let detail_value = parsed.and_then(|b| b.detail);
+    let detail_text = match &detail_value {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+        None => String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+    };
+    let detail_text: String = detail_text.chars().take(300).collect();
+    match status.as_u16() {
+        401 | 403 => DashboardError::Unauthorized {
+            status: status.as_u16(),
+            detail: detail_text,
+        },
+        422 => DashboardError::Validation {
+            details: validation_details(detail_value.as_ref()),
+        },
+        500 => DashboardError::ServerError,
+        code => DashboardError::Http {
+            status: code,
+            detail: detail_text,
+        },
+    }
+}
+
+/// Pulls `(field, message)` out of pydantic's detail list; the echoed `input` is left out (it
+/// can be 10 000 characters of output).
+fn validation_details(detail: Option<&serde_json::Value>) -> Vec<(String, String)> {
+    let Some(serde_json::Value::Array(items)) = detail else {
+        let text = detail.map(|d| d.to_string()).unwrap_or_default();
+        return vec![("request".into(), text.chars().take(200).collect())];
+    };
+    items
+        .iter()
+        .map(|item| {
+            let field = item
+                .get("loc")
+                .and_then(|l| l.as_array())
+                .map(|parts| {
+                    parts
+                        .iter()
+                        .filter(|p| p.as_str() != Some("body"))
+                        .map(|p| match p {
+                            serde_json::Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(".")
+                })
+                .unwrap_or_else(|| "request".into());
+            let msg = item
+                .get("msg")
+                .and_then(|m| m.as_str())
+                .unwrap_or("invalid")
+                .chars()
+                .take(200)
+                .collect();
+            (field, msg)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_detail_names_field_and_message() {
+        let body = br#"{"detail":[{"type":"string_too_long","loc":["body","agent_version"],"msg":"String should have at most 20 characters","input":"xxxxxxxxxxxxxxxxxxxxxxxxx"}]}"#;
+        let err = error_for(StatusCode::UNPROCESSABLE_ENTITY, body);
+        assert_eq!(
+            err,
+            DashboardError::Validation {
+                details: vec![(
+                    "agent_version".into(),
+                    "String should have at most 20 characters".into()
+                )]
+            }
+        );
+        assert!(!err.to_string().contains("xxxxxxxx"));
+    }
+
+    #[test]
+    fn rate_limit_500_is_retryable_and_401_is_auth() {
+        let err = error_for(StatusCode::INTERNAL_SERVER_ERROR, b"Internal Server Error");
+        assert_eq!(err, DashboardError::ServerError);
+        assert!(err.is_retryable());
+        let err = error_for(StatusCode::UNAUTHORIZED, br#"{"detail":"Invalid API token"}"#);
+        assert!(
+            matches!(err, DashboardError::Unauthorized { status: 401, ref detail } if detail == "Invalid API token")
+        );
+    }
+}

@@ -1,1 +1,0 @@
-//! Instance lock (STUB: being written).

@@ -1,0 +1,266 @@
+//! Files in the state directory: atomic writes (temp file, fsync, rename; 0600 in a 0700
+//! directory) and the token cache in v1's format (`NIXFLEET_TOKEN=<token>\n`, contract §9.4).
+//!
+//! This module never logs file contents: the token cache holds a secret.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use crate::config::{Secret, parse_token_text};
+
+/// Creates `dir` (and parents) with mode 0700 if missing.
+pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Replaces `path` with `bytes` atomically: a reader sees the old or the new file, never a
+/// mix, even across a crash or power loss.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    ensure_private_dir(dir)?;
+    let name = path.file_name().map_or_else(
+        || "state".into(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        // An existing temp file keeps its old mode; make sure.
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        // The rename is durable only once the directory entry is.
+        fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Moves a corrupt state file aside (`<name>.corrupt-<unix time>`) with a clear log line, so
+/// the agent carries on with a fresh one and the bad file is kept for a human to look at.
+pub fn quarantine(path: &Path, why: &str) {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut target = path.as_os_str().to_owned();
+    target.push(format!(".corrupt-{stamp}"));
+    let target = PathBuf::from(target);
+    match fs::rename(path, &target) {
+        Ok(()) => tracing::error!(
+            file = %path.display(),
+            moved_to = %target.display(),
+            "state file is corrupt ({why}); moved it aside and starting fresh"
+        ),
+        Err(e) => tracing::error!(
+            file = %path.display(),
+            "state file is corrupt ({why}) and could not be moved aside: {e}"
+        ),
+    }
+}
+
+/// The command journal: which command is running and in which step, written before its first
+/// child starts, so that whichever agent instance comes next can report it as interrupted.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JournalEntry {
+    pub id: u64,
+    pub command: String,
+    pub step: String,
+    pub started_unix: u64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct JournalFile {
+    version: u32,
+    last_id: u64,
+    running: Option<JournalEntry>,
+}
+
+/// The journal file (`journal.json`, versioned, atomic).
+#[derive(Debug)]
+pub struct Journal {
+    path: Option<PathBuf>,
+    last_id: u64,
+    running: Option<JournalEntry>,
+}
+
+impl Journal {
+    pub fn in_memory() -> Self {
+        Journal {
+            path: None,
+            last_id: 0,
+            running: None,
+        }
+    }
+
+    /// Loads the journal; a corrupt one is quarantined. Returns the journal and the command
+    /// a previous instance left running, if any.
+    pub fn load(path: PathBuf) -> (Journal, Option<JournalEntry>) {
+        let mut journal = Journal {
+            path: Some(path.clone()),
+            last_id: 0,
+            running: None,
+        };
+        let mut left_running = None;
+        match fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<JournalFile>(&bytes) {
+                Ok(file) if file.version == 1 => {
+                    journal.last_id = file.last_id;
+                    left_running = file.running;
+                }
+                Ok(file) => quarantine(&path, &format!("unknown journal version {}", file.version)),
+                Err(e) => quarantine(&path, &format!("unreadable journal ({e})")),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::error!(path = %path.display(), "cannot read the journal: {e}"),
+        }
+        (journal, left_running)
+    }
+
+    /// Records that `command` starts; returns its id.
+    pub fn start(&mut self, command: &str) -> u64 {
+        self.last_id += 1;
+        let started_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.running = Some(JournalEntry {
+            id: self.last_id,
+            command: command.to_string(),
+            step: "starting".into(),
+            started_unix,
+        });
+        self.persist();
+        self.last_id
+    }
+
+    pub fn step(&mut self, step: &str) {
+        if let Some(entry) = &mut self.running {
+            entry.step = step.to_string();
+            self.persist();
+        }
+    }
+
+    /// The command is over (its reports are in the outbox).
+    pub fn finish(&mut self) {
+        if self.running.take().is_some() {
+            self.persist();
+        }
+    }
+
+    /// Forgets a command left by a previous instance, once its report is in the outbox.
+    pub fn settle_previous(&mut self) {
+        self.persist();
+    }
+
+    fn persist(&self) {
+        let Some(path) = &self.path else { return };
+        let file = JournalFile {
+            version: 1,
+            last_id: self.last_id,
+            running: self.running.clone(),
+        };
+        let bytes = serde_json::to_vec(&file).expect("journal serializes");
+        if let Err(e) = write_atomic(path, &bytes) {
+            tracing::error!(path = %path.display(), "cannot save the command journal: {e}");
+        }
+    }
+}
+
+/// The per-host token cache.
+#[derive(Clone, Debug)]
+pub struct TokenCache {
+    path: PathBuf,
+}
+
+impl TokenCache {
+    pub fn new(path: PathBuf) -> Self {
+        TokenCache { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The cached token, if the file exists and holds one.
+    pub fn load(&self) -> io::Result<Option<Secret>> {
+        match fs::read_to_string(&self.path) {
+            Ok(text) => {
+                let token = parse_token_text(&text);
+                Ok((!token.is_empty()).then(|| Secret::new(token)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn save(&self, token: &Secret) -> io::Result<()> {
+        write_atomic(
+            &self.path,
+            format!("NIXFLEET_TOKEN={}\n", token.expose()).as_bytes(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt as _;
+
+    #[test]
+    fn journal_remembers_a_running_command_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.json");
+        let (mut journal, left) = Journal::load(path.clone());
+        assert_eq!(left, None);
+        let id = journal.start("switch");
+        journal.step("Switch");
+        drop(journal);
+        let (mut journal, left) = Journal::load(path.clone());
+        let left = left.expect("left running");
+        assert_eq!((left.id, left.command.as_str(), left.step.as_str()), (id, "switch", "Switch"));
+        journal.settle_previous();
+        let next = journal.start("pull");
+        assert!(next > id, "ids keep growing across restarts");
+        journal.finish();
+        assert_eq!(Journal::load(path.clone()).1, None);
+        std::fs::write(&path, b"garbage").unwrap();
+        assert_eq!(Journal::load(path.clone()).1, None);
+        assert!(!path.exists(), "garbage journal quarantined");
+    }
+
+    #[test]
+    fn token_cache_round_trip_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = TokenCache::new(dir.path().join("state/token"));
+        assert_eq!(cache.load().unwrap(), None);
+        cache.save(&Secret::new("per-host")).unwrap();
+        assert_eq!(cache.load().unwrap(), Some(Secret::new("per-host")));
+        assert_eq!(
+            fs::read_to_string(cache.path()).unwrap(),
+            "NIXFLEET_TOKEN=per-host\n"
+        );
+        assert_eq!(fs::metadata(cache.path()).unwrap().mode() & 0o777, 0o600);
+        let parent = fs::metadata(dir.path().join("state")).unwrap();
+        assert_eq!(parent.mode() & 0o777, 0o700);
+        let leftovers: Vec<_> = fs::read_dir(dir.path().join("state"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+    }
+}

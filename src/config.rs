@@ -108,6 +108,7 @@ settings_table! {
     "runtime_dir" => "NIXFLEET_RUNTIME_DIR", "--runtime-dir";
     "log" => "NIXFLEET_LOG";
     "queue_limit" => "NIXFLEET_QUEUE_LIMIT";
+    "http_timeout" => "NIXFLEET_HTTP_TIMEOUT";
     "debug_wedge_file" => "NIXFLEET_DEBUG_WEDGE_FILE";
 }
 
@@ -392,6 +393,8 @@ pub struct Settings {
     pub runtime_dir: Option<PathBuf>,
     pub log_filter: Option<String>,
     pub queue_limit: usize,
+    /// Total time for one dashboard request (connect is capped at 5 s within it).
+    pub http_timeout: Duration,
     /// Test-only hook: while this file exists the main loop blocks its thread, to prove that
     /// the watchdog pings stop and the stall monitor fires.
     pub debug_wedge_file: Option<PathBuf>,
@@ -936,6 +939,13 @@ impl Settings {
             runtime_dir: path_setting("runtime_dir")?,
             log_filter: raw.get("log").map(|v| v.value.trim().to_string()),
             queue_limit,
+            http_timeout: duration_setting(
+                raw,
+                "http_timeout",
+                Duration::from_secs(30),
+                Duration::from_millis(100),
+                Duration::from_secs(300),
+            )?,
             debug_wedge_file: path_setting("debug_wedge_file")?,
         })
     }

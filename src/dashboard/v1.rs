@@ -16,7 +16,6 @@ use crate::config::Settings;
 /// Largest reply body we read; anything longer is refused without growing the agent.
 pub const MAX_REPLY_BYTES: usize = 1024 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The v1 client. Cloning shares the connection pool.
 #[derive(Clone, Debug)]
@@ -24,6 +23,7 @@ pub struct V1Client {
     http: reqwest::Client,
     /// `<base>/api/hosts/<host>` without a trailing slash.
     host_base: String,
+    timeout_secs: u64,
 }
 
 /// Reply of register and poll. Unknown fields are ignored on purpose.
@@ -53,8 +53,8 @@ impl V1Client {
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .https_only(!settings.allow_insecure_http)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT.min(settings.http_timeout))
+            .timeout(settings.http_timeout)
             .user_agent(concat!("nixfleet-agent/", env!("CARGO_PKG_VERSION")))
             // The agent talks to one dashboard; following redirects could send the token
             // elsewhere.
@@ -66,6 +66,7 @@ impl V1Client {
         Ok(V1Client {
             http,
             host_base: format!("{base}/api/hosts/{}", settings.host.hostname),
+            timeout_secs: settings.http_timeout.as_secs().max(1),
         })
     }
 
@@ -83,9 +84,9 @@ impl V1Client {
             .json(body)
             .send()
             .await
-            .map_err(classify_send_error)?;
+            .map_err(|e| classify_send_error(e, self.timeout_secs))?;
         let status = response.status();
-        let body = read_capped(response).await?;
+        let body = read_capped(response, self.timeout_secs).await?;
         if status.is_success() {
             return Ok(body);
         }
@@ -124,9 +125,9 @@ impl Transport for V1Client {
     }
 }
 
-fn classify_send_error(err: reqwest::Error) -> DashboardError {
+fn classify_send_error(err: reqwest::Error, timeout_secs: u64) -> DashboardError {
     if err.is_timeout() {
-        return DashboardError::Timeout(REQUEST_TIMEOUT.as_secs());
+        return DashboardError::Timeout(timeout_secs);
     }
     // reqwest's Display stops at "error sending request"; the cause chain names the real
     // reason (connection refused, DNS, certificate). URLs carry no secrets here.
@@ -147,7 +148,10 @@ fn classify_send_error(err: reqwest::Error) -> DashboardError {
     DashboardError::Unreachable(reason)
 }
 
-async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, DashboardError> {
+async fn read_capped(
+    mut response: reqwest::Response,
+    timeout_secs: u64,
+) -> Result<Vec<u8>, DashboardError> {
     if let Some(len) = response.content_length()
         && len > MAX_REPLY_BYTES as u64
     {
@@ -168,7 +172,7 @@ async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, Dashboa
             }
             Ok(None) => return Ok(body),
             Err(e) if e.is_timeout() => {
-                return Err(DashboardError::Timeout(REQUEST_TIMEOUT.as_secs()));
+                return Err(DashboardError::Timeout(timeout_secs));
             }
             Err(e) => return Err(DashboardError::BadReply(format!("reading the reply: {e}"))),
         }

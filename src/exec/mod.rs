@@ -12,9 +12,9 @@
 //! - a deadline: SIGTERM to the group, `kill_grace`, SIGKILL to the group. The cancellation
 //!   token (agent shutdown) does the same. Dropping the `run` future SIGKILLs the group.
 //!
-//! When the direct child exits on its own, whatever is left in its group is SIGKILLed too, and
-//! the output pipe is read for at most [`PIPE_DRAIN_BOUND`] more, so a grandchild that keeps
-//! the pipe open can never hang the agent.
+//! When the direct child exits on its own, whatever is left in its group is killed with SIGKILL
+//! too, and the output pipe is read for at most [`PIPE_DRAIN_BOUND`] more, so a grandchild that
+//! keeps the pipe open can never hang the agent.
 //!
 //! Limitation: a grandchild that calls `setsid`/`setpgid` (a daemon, `git gc --auto` detaching,
 //! `setsid foo &`) leaves the group and is not killed here; `run` still returns promptly. On
@@ -80,7 +80,7 @@ pub struct Cmd {
     pub timeout: Duration,
     /// Human label used in logs and timeout messages, e.g. "git pull", "Switch", "T03-hang".
     pub label: String,
-    /// Extra environment on top of the allowlist (e.g. GIT_SSH_COMMAND). Names the allowlist
+    /// Extra environment on top of the allowlist (e.g. `GIT_SSH_COMMAND`). Names the allowlist
     /// denies (`NIXFLEET_*`, `NOTIFY_SOCKET`, ...) are dropped here too, with a warning.
     pub env: Vec<(OsString, OsString)>,
 }
@@ -104,7 +104,7 @@ pub enum Exit {
 #[derive(Clone, Debug)]
 pub struct Outcome {
     pub exit: Exit,
-    /// stdout+stderr interleaved, lossy UTF-8, at most ~output_cap bytes (head, a marker line
+    /// stdout+stderr interleaved, lossy UTF-8, at most ~`output_cap` bytes (head, a marker line
     /// saying how many bytes were dropped, tail).
     pub output: String,
     pub duration: Duration,
@@ -245,6 +245,12 @@ impl Runner {
     ///
     /// Needs a tokio runtime with I/O and time enabled. The returned future is `Send`; dropping
     /// it SIGKILLs the child's process group.
+    ///
+    /// # Errors
+    ///
+    /// [`SpawnError`] when the child could not be started: program not found or not
+    /// executable, missing working directory, or no pipe/thread available. Everything after a
+    /// successful start, timeouts included, is an [`Outcome`].
     pub async fn run(&self, cmd: Cmd, cancel: &CancellationToken) -> Result<Outcome, SpawnError> {
         let started = Instant::now();
         if cancel.is_cancelled() {
@@ -260,11 +266,10 @@ impl Runner {
         let pid = child.id();
         let group = Arc::new(sys::Group::new(pid));
         let _kill_on_drop = KillOnDrop(Arc::clone(&group));
-        let mut reaped =
-            sys::spawn_reaper(child, Arc::clone(&group)).map_err(|source| SpawnError::Io {
-                program: cmd.program.to_string_lossy().into_owned(),
-                source,
-            })?;
+        let mut reaped = sys::spawn_reaper(child, &group).map_err(|source| SpawnError::Io {
+            program: cmd.program.to_string_lossy().into_owned(),
+            source,
+        })?;
         tracing::debug!(label = %cmd.label, pid, program = ?cmd.program, "child started");
 
         let mut capture = Capture::new(self.output_cap, &cmd.label);
@@ -318,10 +323,8 @@ impl Runner {
             );
         }
         let duration = started.elapsed();
-        tracing::debug!(
-            label = %cmd.label, pid, exit = ?exit, duration_ms = duration.as_millis() as u64,
-            "child finished"
-        );
+        let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+        tracing::debug!(label = %cmd.label, pid, exit = ?exit, duration_ms, "child finished");
         Ok(Outcome {
             exit,
             output: capture.finish(),
@@ -373,7 +376,10 @@ impl Runner {
             .filter(|(key, _)| {
                 let denied = env::is_denied(key);
                 if denied {
-                    tracing::warn!(label = %cmd.label, key = ?key, "not passing a denied variable to a child");
+                    tracing::warn!(
+                        label = %cmd.label, key = ?key,
+                        "not passing a denied variable to a child"
+                    );
                 }
                 !denied
             })
@@ -420,7 +426,7 @@ impl Runner {
                 // No way to read its output: stop the child rather than leave it running.
                 let group = Arc::new(sys::Group::new(child.id()));
                 group.signal(Signal::SIGKILL);
-                let _ = sys::spawn_reaper(child, group);
+                let _ = sys::spawn_reaper(child, &group);
                 Err(io_err(source))
             }
         }

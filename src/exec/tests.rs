@@ -72,7 +72,7 @@ fn live_members(pgid: i32) -> Vec<i32> {
         };
         let fields: Vec<&str> = rest.split_whitespace().collect();
         let is_member = fields.get(2).and_then(|p| p.parse::<i32>().ok()) == Some(pgid);
-        let is_zombie = matches!(fields.first(), Some(&"Z") | Some(&"X"));
+        let is_zombie = matches!(fields.first(), Some(&("Z" | "X")));
         if is_member && !is_zombie {
             live.extend(
                 head.split_whitespace()
@@ -236,7 +236,9 @@ impl Drop for KillOnDrop {
 async fn setsid_escapee_survives_but_does_not_block_run() {
     let dir = tempfile::tempdir().unwrap();
     let body = r#"
-        perl -MPOSIX -e 'POSIX::setsid(); open(F, ">", "escapee") or die; print F "$$\n"; close F; sleep 1000' &
+        perl -MPOSIX -e '
+            POSIX::setsid(); open(F, ">", "escapee") or die; print F "$$\n"; close F; sleep 1000
+        ' &
         while [ ! -s escapee ]; do sleep 0.01; done
         echo "escapee=$(cat escapee)"
     "#;
@@ -447,7 +449,8 @@ async fn unknown_program_is_not_found_and_names_the_path_searched() {
     );
     assert_eq!(
         err.to_string(),
-        "failed to start nixfleet-no-such-program: not found in PATH (/nonexistent-a:/nonexistent-b)"
+        "failed to start nixfleet-no-such-program: \
+         not found in PATH (/nonexistent-a:/nonexistent-b)"
     );
 }
 

@@ -114,7 +114,14 @@ fn wait_exited_without_reaping(pid: Pid) -> io::Result<()> {
         // SAFETY: `siginfo_t` is a plain C struct for which all-zero bytes are a valid value.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: `info` is a valid, writable `siginfo_t` that outlives the call.
-        let rc = unsafe { libc::waitid(libc::P_PID, id, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                id,
+                &raw mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
         if rc == 0 {
             return Ok(());
         }
@@ -130,13 +137,13 @@ pub(super) type Reaped = oneshot::Receiver<io::Result<ExitStatus>>;
 
 /// Starts the thread that waits for `child` (a blocking `waitid` has no async form that works on
 /// both Linux and macOS; one parked thread per running child is cheap).
-pub(super) fn spawn_reaper(child: Child, group: Arc<Group>) -> io::Result<Reaped> {
+pub(super) fn spawn_reaper(child: Child, group: &Arc<Group>) -> io::Result<Reaped> {
     let (tx, rx) = oneshot::channel();
     let pid = group.pgid;
     let spawned = std::thread::Builder::new()
         .name(format!("exec-reap-{pid}"))
         .spawn({
-            let group = Arc::clone(&group);
+            let group = Arc::clone(group);
             move || {
                 // The receiver is gone when `run` was dropped; the reaping still had to happen.
                 let _ = tx.send(group.reap(child));

@@ -49,11 +49,11 @@ const RELOCK_WAIT: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_millis(50);
 
 /// What the OS reports about a live pid: enough to tell it from a later process reusing the pid.
-pub(crate) struct ProcInfo {
+struct ProcInfo {
     /// Opaque, only compared for equality: ticks since boot on Linux, µs since the epoch on macOS.
-    pub start_time: u64,
+    start_time: u64,
     /// Exited but not reaped: it no longer holds any lock.
-    pub zombie: bool,
+    zombie: bool,
 }
 
 /// The process recorded in the lock file.
@@ -598,7 +598,7 @@ mod tests {
             // SAFETY: installing SIG_IGN has no preconditions.
             unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
         }
-        println!("locked");
+        println!("\nholder-locked");
         io::stdout().flush().unwrap();
         std::thread::sleep(Duration::from_secs(30));
     }
@@ -644,7 +644,7 @@ mod tests {
                 0,
                 "helper exited early"
             );
-            if line.trim() == "locked" {
+            if line.trim_end().ends_with("holder-locked") {
                 return child;
             }
         }
@@ -724,7 +724,10 @@ mod tests {
         let message = err.to_string();
         assert!(message.starts_with("no usable directory for the instance lock: tried "));
         assert!(
-            message.contains(&format!("{}: cannot create it: ", under_file.display())),
+            message.contains(&format!(
+                "{}: cannot inspect it: Not a directory",
+                under_file.display()
+            )),
             "{message}"
         );
         assert!(

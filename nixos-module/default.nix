@@ -1,0 +1,102 @@
+# NixOS module: runs nixfleet-agent as a systemd service. The unit carries the same directives as
+# units/nixfleet-agent.service (scripts/check-packaging compares them); the reasons for each are
+# written there and, for the NixOS-only parts, here.
+{ config, lib, pkgs, ... }:
+let
+  cfg = config.services.nixfleet-agent;
+  render = import ./render.nix { inherit lib pkgs cfg; };
+in
+{
+  imports = [ ./options.nix ];
+
+  config = lib.mkIf cfg.enable {
+    assertions = render.assertions ++ [
+      {
+        assertion = cfg.user == "root" || config.users.users ? ${cfg.user};
+        message = "services.nixfleet-agent.user = \"${cfg.user}\" is not a user of this system: declare users.users.${cfg.user}, or keep the default \"root\".";
+      }
+      {
+        assertion = cfg.user == "root" || config.security.sudo.enable;
+        message = "services.nixfleet-agent.user = \"${cfg.user}\" needs sudo for nixos-rebuild: enable security.sudo, or keep the default user \"root\".";
+      }
+    ];
+
+    services.nixfleet-agent.settings = lib.mapAttrs (_: lib.mkDefault) render.fromOptions;
+
+    # On PATH for operators (`nixfleet-agent check-config --config /etc/nixfleet-agent/agent.toml`),
+    # and /run/current-system/sw/bin/nixfleet-agent is how the agent notices that a switch
+    # installed a new version of itself (it then exits 10 and systemd starts the new one).
+    environment.systemPackages = [ cfg.package ];
+    environment.etc."nixfleet-agent/agent.toml".source = render.configFile;
+
+    # A non-root agent may run exactly nixos-rebuild as root, without a password (`sudo -n`).
+    # The path is the system profile's, not a store path: it is the same string in every
+    # generation, so the rule still matches right after a switch, before the agent restarts.
+    security.sudo.extraRules = lib.mkIf (cfg.user != "root") [
+      {
+        users = [ cfg.user ];
+        runAs = "root";
+        commands = [
+          { command = "/run/current-system/sw/bin/nixos-rebuild"; options = [ "NOPASSWD" ]; }
+        ];
+      }
+    ];
+
+    systemd.services.nixfleet-agent = {
+      description = "NixFleet agent (keeps this host under the NixFleet dashboard's control)";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      startLimitIntervalSec = 0;
+
+      # The agent runs the switch that changes this unit: switch-to-configuration must not
+      # restart it (that would cut the switch's report short), nor stop it when the module is
+      # removed. A new binary makes the agent exit 10 after reporting, and systemd starts the
+      # new unit then. Changed settings apply at the next restart (dashboard `restart`).
+      restartIfChanged = false;
+      unitConfig.X-StopOnRemoval = false;
+
+      # /run/wrappers/bin first (setuid sudo). nixos-rebuild comes from the system profile, so
+      # the agent runs the same nixos-rebuild as an operator and the sudo rule above matches;
+      # the profile also gives test scripts and `nixos-version` what a root shell has.
+      path = [
+        "/run/wrappers"
+        config.nix.package
+        pkgs.git
+        config.programs.ssh.package
+        "/run/current-system/sw"
+      ];
+      environment = cfg.extraEnvironment;
+
+      serviceConfig = {
+        Type = "notify";
+        NotifyAccess = "main";
+        ExecStart = "${lib.getExe' cfg.package "nixfleet-agent"} run --config ${render.configFile}";
+        User = cfg.user;
+        # Read by path as $CREDENTIALS_DIRECTORY/token: the file stays outside the store and
+        # only this service (as cfg.user) can read the copy.
+        LoadCredential = lib.optional (cfg.tokenFile != null) "token:${cfg.tokenFile}";
+
+        WatchdogSec = cfg.watchdogSec;
+        Restart = "always";
+        RestartSec = 5;
+        RestartPreventExitStatus = 78;
+        RestartForceExitStatus = 10;
+        TimeoutStopSec = 45;
+        KillMode = "mixed";
+        OOMPolicy = "continue";
+
+        StateDirectory = "nixfleet-agent";
+        StateDirectoryMode = "0700";
+        RuntimeDirectory = "nixfleet-agent";
+        RuntimeDirectoryMode = "0700";
+        RuntimeDirectoryPreserve = "no";
+        UMask = "0077";
+
+        # The agent is root-equivalent by design; see units/nixfleet-agent.service for why
+        # ProtectSystem, ProtectHome, NoNewPrivileges, PrivateTmp and the rest stay off.
+        RestrictRealtime = true;
+      };
+    };
+  };
+}

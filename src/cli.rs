@@ -8,8 +8,8 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{Agent, Credentials, Startup};
 use crate::agent::outbox::Outbox;
+use crate::agent::{Agent, Credentials, Startup};
 use crate::config::{FlagValues, MachineFacts, RawConfig, Settings};
 use crate::dashboard::v1::V1Client;
 use crate::exec::Runner;
@@ -125,7 +125,11 @@ fn home_dir() -> Option<PathBuf> {
 /// The first entry of a systemd `*_DIRECTORY` variable (it may list several, `:`-separated).
 fn systemd_dir(var: &str) -> Option<PathBuf> {
     let value = std::env::var(var).ok()?;
-    value.split(':').next().filter(|s| !s.is_empty()).map(PathBuf::from)
+    value
+        .split(':')
+        .next()
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
 }
 
 fn state_dir_candidates(settings: &Settings) -> Vec<PathBuf> {

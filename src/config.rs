@@ -232,7 +232,11 @@ impl RawConfig {
                 return Err(ConfigError::new(format!(
                     "config file {}: unknown setting `{key}`; known settings: {}",
                     path.display(),
-                    SETTINGS.iter().map(|s| s.key).collect::<Vec<_>>().join(", ")
+                    SETTINGS
+                        .iter()
+                        .map(|s| s.key)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             };
             let value = match value {
@@ -619,9 +623,10 @@ impl Settings {
                  e.g. https://fleet.example.com",
             )
         })?;
-        let mut url: reqwest::Url = url_raw.value.trim().parse().map_err(|e| {
-            ConfigError::invalid("url", url_raw, &format!("not a valid URL ({e})"))
-        })?;
+        let mut url: reqwest::Url =
+            url_raw.value.trim().parse().map_err(|e| {
+                ConfigError::invalid("url", url_raw, &format!("not a valid URL ({e})"))
+            })?;
         match url.scheme() {
             "https" => {}
             "http" if allow_insecure_http => {}
@@ -814,11 +819,7 @@ impl Settings {
         };
         let location = match raw.get("location") {
             Some(v) if v.value.chars().count() > 50 => {
-                return Err(ConfigError::invalid(
-                    "location",
-                    v,
-                    "at most 50 characters",
-                ));
+                return Err(ConfigError::invalid("location", v, "at most 50 characters"));
             }
             Some(v) => v.value.trim().to_string(),
             None => derived_location(&hostname).to_string(),
@@ -1050,7 +1051,10 @@ mod tests {
     #[test]
     fn errors_name_the_setting_and_source() {
         let err = settings(&with(&[("NIXFLEET_INTERVAL", "0")]), &[]).unwrap_err();
-        assert!(err.contains("interval") && err.contains("NIXFLEET_INTERVAL"), "{err}");
+        assert!(
+            err.contains("interval") && err.contains("NIXFLEET_INTERVAL"),
+            "{err}"
+        );
         let err = settings(&with(&[("NIXFLEET_GIT_TIMEOUT", "soon")]), &[]).unwrap_err();
         assert!(err.contains("git_timeout") && err.contains("NIXFLEET_GIT_TIMEOUT"));
         let err = settings(
@@ -1069,7 +1073,11 @@ mod tests {
     fn flags_beat_environment_beat_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("agent.toml");
-        std::fs::write(&file, "interval = 10\nlocation = \"cloud\"\nbranch = \"dev\"\n").unwrap();
+        std::fs::write(
+            &file,
+            "interval = 10\nlocation = \"cloud\"\nbranch = \"dev\"\n",
+        )
+        .unwrap();
         let env: BTreeMap<String, String> = with(&[("NIXFLEET_INTERVAL", "20")])
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

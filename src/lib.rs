@@ -4,15 +4,15 @@
 //! integration tests and the benchmark can reach the pure parts (config validation, backoff,
 //! wire types) without a process in between. See ARCHITECTURE.md for the code map.
 
-pub mod exec;
-pub mod exit;
-pub mod lock;
-pub mod supervisor;
+pub mod agent;
+pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod dashboard;
+pub mod exec;
+pub mod exit;
 pub mod facts;
-pub mod agent;
-pub mod commands;
-pub mod store;
-pub mod cli;
+pub mod lock;
 pub mod logging;
+pub mod store;
+pub mod supervisor;

@@ -26,10 +26,9 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     ensure_private_dir(dir)?;
-    let name = path.file_name().map_or_else(
-        || "state".into(),
-        |n| n.to_string_lossy().into_owned(),
-    );
+    let name = path
+        .file_name()
+        .map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let result = (|| {
         let mut file = OpenOptions::new()
@@ -232,7 +231,10 @@ mod tests {
         drop(journal);
         let (mut journal, left) = Journal::load(path.clone());
         let left = left.expect("left running");
-        assert_eq!((left.id, left.command.as_str(), left.step.as_str()), (id, "switch", "Switch"));
+        assert_eq!(
+            (left.id, left.command.as_str(), left.step.as_str()),
+            (id, "switch", "Switch")
+        );
         journal.settle_previous();
         let next = journal.start("pull");
         assert!(next > id, "ids keep growing across restarts");

@@ -74,7 +74,10 @@ impl Credentials {
         cached: Option<Secret>,
     ) -> Option<Credentials> {
         let (current, source) = match (&cached, &configured) {
-            (Some(token), _) => (token.clone(), TokenSource::Cache(cache.path().to_path_buf())),
+            (Some(token), _) => (
+                token.clone(),
+                TokenSource::Cache(cache.path().to_path_buf()),
+            ),
             (None, Some((token, origin))) => {
                 (token.clone(), TokenSource::Configured(origin.clone()))
             }
@@ -244,7 +247,10 @@ impl<T: Transport> Agent<T> {
             }),
             None,
         );
-        if matches!(agent.settings.repo, crate::config::RepoMode::Isolated { .. }) {
+        if matches!(
+            agent.settings.repo,
+            crate::config::RepoMode::Isolated { .. }
+        ) {
             agent.queue.push_back(Ok(Command::Setup));
         }
         agent
@@ -299,7 +305,8 @@ impl<T: Transport> Agent<T> {
             self.start_request();
             self.notifier.status(&self.status_line());
             if let Some(code) = self.stop_done() {
-                self.notifier.stopping(&format!("stopped (exit code {code})"));
+                self.notifier
+                    .stopping(&format!("stopped (exit code {code})"));
                 return code;
             }
             let wake = self.next_wakeup(tick);
@@ -341,11 +348,15 @@ impl<T: Transport> Agent<T> {
         let now = Instant::now();
         let mut wake = now + tick;
         if self.in_flight.is_none() && self.stopping.is_none() {
-            let due = self.link.retry_at.unwrap_or(now).max(if self.outbox.is_empty() {
-                self.next_heartbeat
-            } else {
-                now
-            });
+            let due = self
+                .link
+                .retry_at
+                .unwrap_or(now)
+                .max(if self.outbox.is_empty() {
+                    self.next_heartbeat
+                } else {
+                    now
+                });
             wake = wake.min(due.max(now));
         }
         wake
@@ -534,14 +545,20 @@ impl<T: Transport> Agent<T> {
                 }
             }
             Delivery::Heartbeat(Err(error)) => self.on_failure("heartbeat", error),
-            Delivery::Report { id, result: Ok(reply) } => {
+            Delivery::Report {
+                id,
+                result: Ok(reply),
+            } => {
                 self.outbox.pop(id);
                 self.link_up();
                 if let Some(token) = reply.agent_token {
                     self.adopt_token(token);
                 }
             }
-            Delivery::Report { id, result: Err(error) } => {
+            Delivery::Report {
+                id,
+                result: Err(error),
+            } => {
                 if !error.is_retryable() {
                     if let Some(entry) = self.outbox.front() {
                         tracing::error!(

@@ -226,7 +226,10 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert!(moved.iter().any(|n| n.starts_with("outbox.json.corrupt-")), "{moved:?}");
+        assert!(
+            moved.iter().any(|n| n.starts_with("outbox.json.corrupt-")),
+            "{moved:?}"
+        );
     }
 
     #[test]

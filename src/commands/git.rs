@@ -158,7 +158,11 @@ async fn pull_in(ctx: &Context, dir: &Path) -> Result<String, String> {
             let pull = ctx
                 .run(ctx.git(dir, timeouts.git, "git pull").arg("pull"))
                 .await;
-            if pull.ok { Ok(pull.text) } else { Err(pull.text) }
+            if pull.ok {
+                Ok(pull.text)
+            } else {
+                Err(pull.text)
+            }
         }
     }
 }
@@ -209,10 +213,11 @@ pub(super) async fn pull_reset(ctx: &Context) {
         .await;
     if modified.ok && !modified.output.trim().is_empty() {
         let restore = ctx
-            .run(
-                ctx.git(&dir, local, "git checkout flake.lock")
-                    .args(["checkout", "--", "flake.lock"]),
-            )
+            .run(ctx.git(&dir, local, "git checkout flake.lock").args([
+                "checkout",
+                "--",
+                "flake.lock",
+            ]))
             .await;
         if !restore.ok {
             ctx.error(&format!("Pull-reset failed: {}", restore.text));

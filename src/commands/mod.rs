@@ -135,12 +135,14 @@ impl Context {
     }
 
     pub(crate) fn status(&self, outcome: ReportOutcome, output: &str, test_status: Option<String>) {
-        let _ = self.events.send(ExecEvent::Report(Report::Status(StatusReport {
-            status: outcome,
-            current_generation: self.generation(),
-            output: Some(limit_output(output)),
-            test_status,
-        })));
+        let _ = self
+            .events
+            .send(ExecEvent::Report(Report::Status(StatusReport {
+                status: outcome,
+                current_generation: self.generation(),
+                output: Some(limit_output(output)),
+                test_status,
+            })));
     }
 
     pub(crate) fn ok(&self, output: &str) {

@@ -220,11 +220,20 @@ pub(super) async fn update(ctx: &Context) -> SwitchResult {
         // Undo the local commit and its lock change, then take what the remote has.
         for (label, args) in [
             ("git reset --soft", &["reset", "--soft", "HEAD~1"][..]),
-            ("git reset flake.lock", &["reset", "-q", "HEAD", "--", "flake.lock"][..]),
-            ("git checkout flake.lock", &["checkout", "--", "flake.lock"][..]),
+            (
+                "git reset flake.lock",
+                &["reset", "-q", "HEAD", "--", "flake.lock"][..],
+            ),
+            (
+                "git checkout flake.lock",
+                &["checkout", "--", "flake.lock"][..],
+            ),
         ] {
             let step = ctx
-                .run(ctx.git(&dir, timeouts.git_local, label).args(args.iter().copied()))
+                .run(
+                    ctx.git(&dir, timeouts.git_local, label)
+                        .args(args.iter().copied()),
+                )
                 .await;
             if !step.ok {
                 ctx.error(&format!(

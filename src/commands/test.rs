@@ -115,7 +115,11 @@ pub(super) async fn run_tests(ctx: &Context) {
     if failed == 0 {
         ctx.status(Outcome::Ok, &format!("Test: {body}"), Some(summary));
     } else {
-        ctx.status(Outcome::Error, &format!("Test failed: {body}"), Some(summary));
+        ctx.status(
+            Outcome::Error,
+            &format!("Test failed: {body}"),
+            Some(summary),
+        );
     }
 }
 

@@ -162,7 +162,9 @@ impl fmt::Display for ShortReason<'_> {
         match self.0 {
             DashboardError::Unreachable(why) => f.write_str(why),
             DashboardError::Timeout(_) => f.write_str("timed out"),
-            DashboardError::Unauthorized { status, .. } => write!(f, "token refused, HTTP {status}"),
+            DashboardError::Unauthorized { status, .. } => {
+                write!(f, "token refused, HTTP {status}")
+            }
             DashboardError::Validation { .. } => f.write_str("HTTP 422"),
             DashboardError::ServerError => f.write_str("HTTP 500"),
             DashboardError::Http { status, .. } => write!(f, "HTTP {status}"),

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, Error as TlsError, RootCertStore, SignatureScheme};
@@ -51,9 +51,7 @@ pub fn client_config(settings: &Settings) -> anyhow::Result<rustls::ClientConfig
         .with_safe_default_protocol_versions()
         .context("TLS protocol setup")?;
     let config = if settings.pinned_pubkeys.is_empty() {
-        builder
-            .with_webpki_verifier(webpki)
-            .with_no_client_auth()
+        builder.with_webpki_verifier(webpki).with_no_client_auth()
     } else {
         builder
             .dangerous()

@@ -266,7 +266,10 @@ mod tests {
         let err = error_for(StatusCode::INTERNAL_SERVER_ERROR, b"Internal Server Error");
         assert_eq!(err, DashboardError::ServerError);
         assert!(err.is_retryable());
-        let err = error_for(StatusCode::UNAUTHORIZED, br#"{"detail":"Invalid API token"}"#);
+        let err = error_for(
+            StatusCode::UNAUTHORIZED,
+            br#"{"detail":"Invalid API token"}"#,
+        );
         assert!(
             matches!(err, DashboardError::Unauthorized { status: 401, ref detail } if detail == "Invalid API token")
         );

@@ -43,9 +43,9 @@ pub(super) struct Sampler {
 
 impl Sampler {
     pub(super) fn new() -> Self {
-        let mut sampler = Sampler::default();
-        sampler.last = cpu_counters();
-        sampler
+        Sampler {
+            last: cpu_counters(),
+        }
     }
 
     pub(super) fn sample(&mut self) -> Option<Metrics> {

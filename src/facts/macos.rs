@@ -16,7 +16,11 @@ use crate::exec::Runner;
 pub(super) async fn os_facts(runner: &Runner, cancel: &CancellationToken) -> OsFacts {
     let version = query(runner, cancel, "sw_vers", &["-productVersion"]).await;
     let name = version.as_deref().map(|v| {
-        let major: u32 = v.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
+        let major: u32 = v
+            .split('.')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
         let codename = match major {
             11 => " Big Sur",
             12 => " Monterey",

@@ -140,8 +140,11 @@ mod tests {
         let hash = "0123456789abcdef0123456789abcdef01234567";
         std::fs::write(git.join("HEAD"), "ref: refs/heads/main\n").unwrap();
         assert_eq!(read_git_head(dir.path()), None);
-        std::fs::write(git.join("packed-refs"), format!("# pack\n{hash} refs/heads/main\n"))
-            .unwrap();
+        std::fs::write(
+            git.join("packed-refs"),
+            format!("# pack\n{hash} refs/heads/main\n"),
+        )
+        .unwrap();
         assert_eq!(read_git_head(dir.path()).as_deref(), Some(hash));
         let newer = "fedcba9876543210fedcba9876543210fedcba98";
         std::fs::write(git.join("refs/heads/main"), format!("{newer}\n")).unwrap();

@@ -567,6 +567,10 @@ fn unix_now() -> u64 {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests start real helper processes directly to observe them"
+)]
 mod tests {
     use std::io::BufRead;
     use std::os::unix::process::ExitStatusExt;

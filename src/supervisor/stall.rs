@@ -119,6 +119,10 @@ impl std::fmt::Write for StackLine {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests start real helper processes directly to observe them"
+)]
 mod tests {
     use std::process::{Command, Stdio};
     use std::time::Instant;

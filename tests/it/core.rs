@@ -58,13 +58,18 @@ fn legacy_pull_reports_and_refreshes_generation() {
     assert!(pull.output.as_deref().unwrap().contains("Pull: "));
     // The next heartbeat carries the new generation.
     assert!(wait_until(T, || {
-        h.requests(Endpoint::Register).last().unwrap().body.as_ref().unwrap()
-            ["current_generation"]
+        h.requests(Endpoint::Register)
+            .last()
+            .unwrap()
+            .body
+            .as_ref()
+            .unwrap()["current_generation"]
             == new_head.as_str()
     }));
-    let status = h.status_bodies().into_iter().find(|b| {
-        b["output"].as_str().unwrap_or("").starts_with("Pull: ")
-    });
+    let status = h
+        .status_bodies()
+        .into_iter()
+        .find(|b| b["output"].as_str().unwrap_or("").starts_with("Pull: "));
     assert_eq!(status.unwrap()["current_generation"], new_head.as_str());
 }
 
@@ -73,12 +78,20 @@ fn isolated_mode_clones_then_pull_resets_to_origin() {
     let mut h = Harness::new();
     let (repos, dir) = h.isolated_repo();
     let agent = h.spawn();
-    assert!(wait_until(T, || dir.join(".git").exists()), "{}", agent.log());
+    assert!(
+        wait_until(T, || dir.join(".git").exists()),
+        "{}",
+        agent.log()
+    );
     // A local change that would make `git pull` conflict: isolated mode resets it away.
     std::fs::write(dir.join("flake.nix"), "local edit\n").unwrap();
     let head = repos.push_commit("upstream", &[("flake.nix", "{ upstream = 1; }\n")]);
     h.dash.force_command(HOST, "pull");
-    assert!(h.wait_status(T, "Pull: Reset to origin/main"), "{:?}", h.statuses());
+    assert!(
+        h.wait_status(T, "Pull: Reset to origin/main"),
+        "{:?}",
+        h.statuses()
+    );
     assert_eq!(Repos::head(&dir), head);
     assert_eq!(
         std::fs::read_to_string(dir.join("flake.nix")).unwrap(),
@@ -131,7 +144,10 @@ fn config_errors_exit_78_and_name_the_setting() {
     let (code, log) = h.run_to_exit(&[], T);
     assert_eq!(code, Some(78), "{log}");
     assert!(log.contains("/nonexistent/token"), "{log}");
-    assert!(h.dash.requests().is_empty(), "nothing is sent with a broken config");
+    assert!(
+        h.dash.requests().is_empty(),
+        "nothing is sent with a broken config"
+    );
 }
 
 #[test]
@@ -166,7 +182,11 @@ fn sigterm_during_a_command_reports_and_exits_zero() {
     agent.signal(libc::SIGTERM);
     let status = agent.wait_exit(T).expect("agent exits after SIGTERM");
     assert_eq!(status.code(), Some(0), "{}", agent.log());
-    assert!(started.elapsed() < Duration::from_secs(6), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(
         h.statuses()
             .iter()

@@ -23,9 +23,17 @@ fn dashboard_down_at_start_then_up_loses_nothing() {
     std::thread::sleep(Duration::from_secs(2));
     h.dash.set_mode(Mode::Normal);
     // Back within about one backoff cap (2 s here).
-    assert!(h.wait_status(Duration::from_secs(5), "Agent started"), "{}", agent.log());
+    assert!(
+        h.wait_status(Duration::from_secs(5), "Agent started"),
+        "{}",
+        agent.log()
+    );
     assert!(wait_until(T, || registered_ok(&h) >= 1));
-    assert!(agent.wait_log(T, "dashboard reachable again after"), "{}", agent.log());
+    assert!(
+        agent.wait_log(T, "dashboard reachable again after"),
+        "{}",
+        agent.log()
+    );
 }
 
 #[test]
@@ -34,7 +42,11 @@ fn hanging_dashboard_times_out_and_the_loop_keeps_running() {
     h.set("NIXFLEET_HTTP_TIMEOUT", "1");
     h.dash.set_mode(Mode::Hang);
     let agent = h.spawn();
-    assert!(agent.wait_log(T, "did not answer within 1s"), "{}", agent.log());
+    assert!(
+        agent.wait_log(T, "did not answer within 1s"),
+        "{}",
+        agent.log()
+    );
     h.dash.set_mode(Mode::Normal);
     assert!(h.wait_status(T, "Agent started"), "{}", agent.log());
 }
@@ -44,9 +56,17 @@ fn oversized_and_garbage_replies_are_refused_without_growing() {
     let h = Harness::new();
     h.dash.set_mode(Mode::Oversized(50 * 1024 * 1024));
     let agent = h.spawn();
-    assert!(agent.wait_log(T, "over the 1048576-byte limit"), "{}", agent.log());
+    assert!(
+        agent.wait_log(T, "over the 1048576-byte limit"),
+        "{}",
+        agent.log()
+    );
     h.dash.set_mode(Mode::OversizedChunked(50 * 1024 * 1024));
-    assert!(wait_until(T, || agent.log().matches("1048576-byte limit").count() >= 2));
+    assert!(wait_until(T, || agent
+        .log()
+        .matches("1048576-byte limit")
+        .count()
+        >= 2));
     let rss = agent.rss_kib().unwrap();
     assert!(rss < 40 * 1024, "RSS {rss} KiB after 50 MiB replies");
     h.dash.set_mode(Mode::Garbage);
@@ -60,7 +80,11 @@ fn server_error_is_treated_as_a_possible_rate_limit() {
     let h = Harness::new();
     h.dash.set_mode(Mode::Status(500));
     let agent = h.spawn();
-    assert!(agent.wait_log(T, "also answers its rate limit with 500"), "{}", agent.log());
+    assert!(
+        agent.wait_log(T, "also answers its rate limit with 500"),
+        "{}",
+        agent.log()
+    );
     h.dash.set_mode(Mode::Normal);
     assert!(wait_until(T, || registered_ok(&h) >= 1));
 }
@@ -70,7 +94,11 @@ fn validation_error_detail_is_logged_once() {
     let h = Harness::new();
     h.dash.set_mode(Mode::Status(422));
     let agent = h.spawn();
-    assert!(agent.wait_log(T, "the dashboard rejected the"), "{}", agent.log());
+    assert!(
+        agent.wait_log(T, "the dashboard rejected the"),
+        "{}",
+        agent.log()
+    );
     std::thread::sleep(Duration::from_secs(3));
     let log = agent.log();
     // Many refused heartbeats, one log line about them; the refused start report is dropped
@@ -82,7 +110,10 @@ fn validation_error_detail_is_logged_once() {
         .filter(|l| l.contains("rejected the heartbeat"))
         .collect();
     assert_eq!(lines.len(), 1, "{log}");
-    assert!(log.contains("dropping it: status Ok: Agent started"), "{log}");
+    assert!(
+        log.contains("dropping it: status Ok: Agent started"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -135,8 +166,18 @@ fn command_delivered_while_busy_is_queued_and_acknowledged() {
     let rows = h.dash.command_log(HOST);
     let switch = rows.iter().find(|r| r.command == "switch").unwrap();
     let pull = rows.iter().find(|r| r.command == "pull").unwrap();
-    assert!(switch.output.as_deref().unwrap().starts_with("Switch: built"), "{rows:?}");
-    assert!(pull.output.as_deref().unwrap().starts_with("Queued: pull"), "{rows:?}");
+    assert!(
+        switch
+            .output
+            .as_deref()
+            .unwrap()
+            .starts_with("Switch: built"),
+        "{rows:?}"
+    );
+    assert!(
+        pull.output.as_deref().unwrap().starts_with("Queued: pull"),
+        "{rows:?}"
+    );
 }
 
 #[test]
@@ -152,7 +193,11 @@ fn queue_overflow_reports_the_dropped_command() {
     h.dash.force_command(HOST, "pull");
     assert!(h.wait_status(T, "Queued: pull"));
     h.dash.force_command(HOST, "test");
-    assert!(h.wait_status(T, "Dropped command test"), "{:?}", h.statuses());
+    assert!(
+        h.wait_status(T, "Dropped command test"),
+        "{:?}",
+        h.statuses()
+    );
 }
 
 #[test]
@@ -181,7 +226,11 @@ fn https_with_ca_file_and_pinned_key() {
     );
     h.dash.clear_requests();
     let agent = h.spawn();
-    assert!(agent.wait_log(T, "does not match NIXFLEET_PINNED_PUBKEY"), "{}", agent.log());
+    assert!(
+        agent.wait_log(T, "does not match NIXFLEET_PINNED_PUBKEY"),
+        "{}",
+        agent.log()
+    );
     assert!(h.dash.requests().is_empty());
     drop(agent);
 
@@ -189,6 +238,10 @@ fn https_with_ca_file_and_pinned_key() {
     h.unset("NIXFLEET_CA_FILE");
     h.unset("NIXFLEET_PINNED_PUBKEY");
     let agent = h.spawn();
-    assert!(agent.wait_log(T, "dashboard unreachable"), "{}", agent.log());
+    assert!(
+        agent.wait_log(T, "dashboard unreachable"),
+        "{}",
+        agent.log()
+    );
     assert!(h.dash.requests().is_empty());
 }

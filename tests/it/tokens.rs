@@ -28,11 +28,20 @@ fn per_host_token_is_used_at_once_and_persisted_privately() {
         std::fs::read_to_string(&cache).unwrap(),
         format!("NIXFLEET_TOKEN={token}\n")
     );
-    assert_eq!(std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777, 0o600);
-    let dir_mode = std::fs::metadata(&h.state_dir).unwrap().permissions().mode();
+    assert_eq!(
+        std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let dir_mode = std::fs::metadata(&h.state_dir)
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(dir_mode & 0o777, 0o700);
     let log = agent.log();
-    assert!(!log.contains(&token) && !log.contains(SHARED_TOKEN), "{log}");
+    assert!(
+        !log.contains(&token) && !log.contains(SHARED_TOKEN),
+        "{log}"
+    );
     drop(agent);
 
     // A restart uses the cached token from its first request, even with shared mode off.

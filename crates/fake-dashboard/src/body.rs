@@ -84,7 +84,10 @@ impl Body for RespBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let next = match self.get_mut() {
             RespBody::Full { data, .. } => data.take(),
             RespBody::Filler {
@@ -149,7 +152,11 @@ pub fn detail(status: u16, text: &str) -> Response<RespBody> {
 
 /// 500 `text/plain` `Internal Server Error`: what the rate limiter really answers (§1, §8).
 pub fn internal_error() -> Response<RespBody> {
-    with_type(500, "text/plain; charset=utf-8", RespBody::full("Internal Server Error"))
+    with_type(
+        500,
+        "text/plain; charset=utf-8",
+        RespBody::full("Internal Server Error"),
+    )
 }
 
 /// `Mode::Garbage`: 200 `application/json` whose body is not JSON.
@@ -157,7 +164,9 @@ pub fn garbage() -> Response<RespBody> {
     with_type(
         200,
         "application/json",
-        RespBody::full(&b"{\"status\":\"registered\",\"command\":<html><body>502 Bad Gateway</body>"[..]),
+        RespBody::full(
+            &b"{\"status\":\"registered\",\"command\":<html><body>502 Bad Gateway</body>"[..],
+        ),
     )
 }
 
@@ -172,7 +181,10 @@ pub fn canned_status(status: u16) -> Response<RespBody> {
         500 => internal_error(),
         401 => detail(401, "Invalid API token"),
         503 => detail(503, "Service unhealthy"),
-        429 => json(429, &serde_json::json!({ "error": "Rate limit exceeded: 30 per 1 minute" })),
+        429 => json(
+            429,
+            &serde_json::json!({ "error": "Rate limit exceeded: 30 per 1 minute" }),
+        ),
         other => {
             let reason = StatusCode::from_u16(other)
                 .ok()

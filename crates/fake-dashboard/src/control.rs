@@ -136,8 +136,12 @@ pub async fn serve(dash: FakeDashboard, listener: TcpListener, shutdown: impl Fu
     }
 }
 
-fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Response<RespBody>> {
-    serde_json::from_slice(bytes).map_err(|e| body::detail(400, &format!("bad request body: {e}")))
+/// An early answer (boxed: a response is large and this is the cold path).
+type Early = Box<Response<RespBody>>;
+
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Early> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Box::new(body::detail(400, &format!("bad request body: {e}"))))
 }
 
 async fn handle(dash: FakeDashboard, req: Request<Incoming>) -> Response<RespBody> {
@@ -152,7 +156,7 @@ async fn handle(dash: FakeDashboard, req: Request<Incoming>) -> Response<RespBod
     let segments: Vec<&str> = rest.split('/').collect();
     route(dash, &parts.method, &segments, &bytes)
         .await
-        .unwrap_or_else(|resp| resp)
+        .unwrap_or_else(|resp| *resp)
 }
 
 async fn route(
@@ -160,7 +164,7 @@ async fn route(
     method: &Method,
     segments: &[&str],
     bytes: &[u8],
-) -> Result<Response<RespBody>, Response<RespBody>> {
+) -> Result<Response<RespBody>, Early> {
     Ok(match (method.clone(), segments) {
         (Method::GET, ["health"]) => body::json(200, &json!({"status": "ok", "url": dash.url()})),
         (Method::POST, ["command", host]) => {
@@ -177,7 +181,7 @@ async fn route(
         }
         (Method::POST, ["mode"]) => {
             let req: ModeRequest = parse(bytes)?;
-            let mode = req.to_mode().map_err(|e| body::detail(400, &e))?;
+            let mode = req.to_mode().map_err(|e| Box::new(body::detail(400, &e)))?;
             let shown = format!("{mode:?}");
             // Waits for the listener to close/rebind: keep it off the async workers.
             let _ = tokio::task::spawn_blocking(move || dash.set_mode(mode)).await;
@@ -200,7 +204,10 @@ async fn route(
         (Method::POST, ["token", host]) => {
             let req: TokenRequest = parse(bytes)?;
             dash.set_host_token(host, &req.token);
-            body::json(200, &json!({"host_id": host.to_lowercase(), "token": req.token}))
+            body::json(
+                200,
+                &json!({"host_id": host.to_lowercase(), "token": req.token}),
+            )
         }
         (Method::POST, ["options"]) => {
             let req: OptionsRequest = parse(bytes)?;

@@ -178,7 +178,11 @@ impl Inner {
             return;
         }
         self.shutdown.send_replace(true);
-        let handle = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let handle = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         if let Some(handle) = handle
             && handle.thread().id() != std::thread::current().id()
         {
@@ -195,7 +199,9 @@ impl Drop for Inner {
 
 impl fmt::Debug for FakeDashboard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FakeDashboard").field("url", &self.url()).finish()
+        f.debug_struct("FakeDashboard")
+            .field("url", &self.url())
+            .finish()
     }
 }
 
@@ -236,7 +242,11 @@ impl FakeDashboard {
 
     /// `http://127.0.0.1:PORT` or `https://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        let scheme = if self.inner.tls.is_some() { "https" } else { "http" };
+        let scheme = if self.inner.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         format!("{scheme}://127.0.0.1:{}", self.inner.port)
     }
 
@@ -253,7 +263,10 @@ impl FakeDashboard {
     /// base64(sha256(DER SubjectPublicKeyInfo)) of the server certificate, i.e. what
     /// `curl --pinnedpubkey sha256//<this>` expects, when `tls`.
     pub fn spki_sha256_base64(&self) -> Option<String> {
-        self.inner.tls.as_ref().map(|t| t.spki_sha256_base64.clone())
+        self.inner
+            .tls
+            .as_ref()
+            .map(|t| t.spki_sha256_base64.clone())
     }
 
     /// Switches the mode. Returns once the port state matches (refusing for `Down`, accepting
@@ -262,7 +275,9 @@ impl FakeDashboard {
         let listening = !matches!(mode, Mode::Down);
         self.inner.shared.mode.send_replace(mode);
         if !self.inner.stopped.load(Ordering::SeqCst) {
-            self.inner.shared.wait_listening(listening, Duration::from_secs(5));
+            self.inner
+                .shared
+                .wait_listening(listening, Duration::from_secs(5));
         }
     }
 
@@ -275,13 +290,21 @@ impl FakeDashboard {
     /// 404 unknown host, 409 never seen / offline; `stop` clears the slot and `test_running`,
     /// `test` resets the test fields.
     pub fn queue_command(&self, host_id: &str, command: &str) -> Result<(), QueueError> {
-        self.inner.shared.lock().db.queue_command(host_id, command, SystemTime::now())
+        self.inner
+            .shared
+            .lock()
+            .db
+            .queue_command(host_id, command, SystemTime::now())
     }
 
     /// Writes the slot directly like a DB update (any name, e.g. `update`), creating a
     /// never-seen row if needed.
     pub fn force_command(&self, host_id: &str, command: &str) {
-        self.inner.shared.lock().db.force_command(host_id, command, SystemTime::now());
+        self.inner
+            .shared
+            .lock()
+            .db
+            .force_command(host_id, command, SystemTime::now());
     }
 
     /// Adds a never-seen host like the operator's manual add; false if it existed.
@@ -307,7 +330,12 @@ impl FakeDashboard {
 
     /// The DB row of a host (id is lowercased).
     pub fn host(&self, host_id: &str) -> Option<HostRow> {
-        self.inner.shared.lock().db.host(&host_id.to_lowercase()).cloned()
+        self.inner
+            .shared
+            .lock()
+            .db
+            .host(&host_id.to_lowercase())
+            .cloned()
     }
 
     /// The command log of a host, oldest first.
@@ -317,7 +345,11 @@ impl FakeDashboard {
 
     /// The raw per-host token provisioned for (or set on) the host, if any.
     pub fn issued_token(&self, host_id: &str) -> Option<String> {
-        self.inner.shared.lock().db.issued_token(&host_id.to_lowercase())
+        self.inner
+            .shared
+            .lock()
+            .db
+            .issued_token(&host_id.to_lowercase())
     }
 
     /// Replaces the host's token like an operator rotation (creates a never-seen row if needed).
@@ -357,7 +389,11 @@ impl FakeDashboard {
 
     /// Async twin of [`FakeDashboard::wait_for`] for tests whose agent runs on the same
     /// runtime; the deadline is wall-clock time even under `tokio::time::pause()`.
-    pub async fn wait_for_async(&self, timeout: Duration, pred: impl Fn(&[RecordedRequest]) -> bool) -> bool {
+    pub async fn wait_for_async(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&[RecordedRequest]) -> bool,
+    ) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             if pred(&self.requests()) {

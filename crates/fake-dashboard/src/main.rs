@@ -71,7 +71,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         port: args.port,
         on_request: Some(Arc::new(log_line)),
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let dash = FakeDashboard::try_start(opts)?;
     let result = rt.block_on(async {
         let control = tokio::net::TcpListener::bind(("127.0.0.1", args.control_port)).await?;

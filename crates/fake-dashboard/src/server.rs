@@ -79,13 +79,19 @@ impl Shared {
     }
 
     fn set_listening(&self, on: bool) {
-        *self.listening.lock().unwrap_or_else(PoisonError::into_inner) = on;
+        *self
+            .listening
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = on;
         self.listening_changed.notify_all();
     }
 
     /// Blocks until the listener state is `on`, or `timeout` passes.
     pub(crate) fn wait_listening(&self, on: bool, timeout: Duration) -> bool {
-        let guard = self.listening.lock().unwrap_or_else(PoisonError::into_inner);
+        let guard = self
+            .listening
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let (guard, _) = self
             .listening_changed
             .wait_timeout_while(guard, timeout, |l| *l != on)
@@ -205,7 +211,7 @@ async fn rebind(port: u16, shutdown: &mut watch::Receiver<bool>) -> Option<TcpLi
             Ok(l) => return Some(l),
             Err(e) => {
                 attempt += 1;
-                if attempt % 50 == 0 {
+                if attempt.is_multiple_of(50) {
                     eprintln!("fake-dashboard: still cannot rebind {addr}: {e}");
                 }
             }
@@ -217,7 +223,12 @@ async fn rebind(port: u16, shutdown: &mut watch::Receiver<bool>) -> Option<TcpLi
     }
 }
 
-async fn connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>) {
+async fn connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+) {
     let _ = stream.set_nodelay(true);
     let mut mode_rx = shared.mode.subscribe();
     let killed = async move {
@@ -228,7 +239,9 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, tl
     let serve = async move {
         match tls {
             Some(acceptor) => {
-                if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                if let Ok(Ok(stream)) =
+                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
+                {
                     serve_http(shared, peer, TokioIo::new(stream)).await;
                 }
             }
@@ -265,7 +278,11 @@ enum Route {
 impl Route {
     fn parse(method: &Method, path: &str) -> (Route, Endpoint, Option<String>) {
         if path == "/health" {
-            let route = if method == Method::GET { Route::Health } else { Route::MethodNotAllowed };
+            let route = if method == Method::GET {
+                Route::Health
+            } else {
+                Route::MethodNotAllowed
+            };
             return (route, Endpoint::Health, None);
         }
         let segments: Vec<&str> = path.split('/').collect();
@@ -277,7 +294,13 @@ impl Route {
                 "poll" => (Endpoint::Poll, Method::GET),
                 "status" => (Endpoint::Status, Method::POST),
                 "test-progress" => (Endpoint::TestProgress, Method::POST),
-                _ => return (Route::NotFound, Endpoint::Other, Some(raw_id.to_lowercase())),
+                _ => {
+                    return (
+                        Route::NotFound,
+                        Endpoint::Other,
+                        Some(raw_id.to_lowercase()),
+                    );
+                }
             };
             let route = if *method == want {
                 Route::Agent {
@@ -294,17 +317,26 @@ impl Route {
 }
 
 fn header(headers: &HeaderMap, name: hyper::header::HeaderName) -> Option<String> {
-    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 /// `HTTPBearer(auto_error=False)`: scheme `bearer` in any case, then the credentials.
 fn bearer_token(headers: &HeaderMap) -> Option<String> {
     let value = header(headers, AUTHORIZATION)?;
     let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
 }
 
-async fn handle(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -> Response<RespBody> {
+async fn handle(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<RespBody> {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
     let (route, endpoint, host_id) = Route::parse(&parts.method, &path);
@@ -327,7 +359,15 @@ async fn handle(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -
         response_status: 0,
         user_agent: header(&parts.headers, USER_AGENT),
     });
-    let resp = respond(&shared, peer, &route, &bytes, content_type.as_deref(), bearer.as_deref()).await;
+    let resp = respond(
+        &shared,
+        peer,
+        &route,
+        &bytes,
+        content_type.as_deref(),
+        bearer.as_deref(),
+    )
+    .await;
     shared.finish(id, resp.status().as_u16());
     resp
 }
@@ -365,7 +405,7 @@ async fn respond(
 
 /// A validated agent body.
 enum Parsed {
-    Register(Registration),
+    Register(Box<Registration>),
     Poll,
     Status(StatusReport),
     Progress(TestProgress),
@@ -423,9 +463,13 @@ fn process(
 
     // (1) body schema, before anything else.
     let parsed = match endpoint {
-        Endpoint::Register => validate::registration(bytes, content_type).map(Parsed::Register),
+        Endpoint::Register => {
+            validate::registration(bytes, content_type).map(|r| Parsed::Register(Box::new(r)))
+        }
         Endpoint::Status => validate::status_report(bytes, content_type).map(Parsed::Status),
-        Endpoint::TestProgress => validate::test_progress(bytes, content_type).map(Parsed::Progress),
+        Endpoint::TestProgress => {
+            validate::test_progress(bytes, content_type).map(Parsed::Progress)
+        }
         _ => Ok(Parsed::Poll),
     };
     let parsed = match parsed {
@@ -445,10 +489,12 @@ fn process(
     }
     let id = raw_id.to_lowercase();
     // (4) auth.
-    if !st
-        .db
-        .authorize(&id, bearer, st.opts.shared_token.as_deref(), st.opts.allow_shared)
-    {
+    if !st.db.authorize(
+        &id,
+        bearer,
+        st.opts.shared_token.as_deref(),
+        st.opts.allow_shared,
+    ) {
         return body::detail(401, "Invalid API token");
     }
 
@@ -456,7 +502,7 @@ fn process(
     let provision = st.opts.provision_tokens;
     match parsed {
         Parsed::Register(r) => {
-            let d = st.db.register(&id, r, now, provision);
+            let d = st.db.register(&id, *r, now, provision);
             body::json(
                 200,
                 &RegisterResponse {
@@ -503,9 +549,18 @@ mod tests {
             }
         );
         assert_eq!((e, id.as_deref()), (Endpoint::Register, Some("webhost")));
-        assert_eq!(Route::parse(&Method::GET, "/api/hosts/a/register").0, Route::MethodNotAllowed);
-        assert_eq!(Route::parse(&Method::GET, "/api/hosts//poll").0, Route::NotFound);
-        assert_eq!(Route::parse(&Method::GET, "/api/hosts/a/b/poll").0, Route::NotFound);
+        assert_eq!(
+            Route::parse(&Method::GET, "/api/hosts/a/register").0,
+            Route::MethodNotAllowed
+        );
+        assert_eq!(
+            Route::parse(&Method::GET, "/api/hosts//poll").0,
+            Route::NotFound
+        );
+        assert_eq!(
+            Route::parse(&Method::GET, "/api/hosts/a/b/poll").0,
+            Route::NotFound
+        );
         assert_eq!(Route::parse(&Method::GET, "/health").0, Route::Health);
     }
 

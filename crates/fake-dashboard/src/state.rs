@@ -131,8 +131,9 @@ impl HostRow {
 
     /// Whether the dashboard would show the host online at `now` (`last_seen` < 5 min ago).
     pub fn online_at(&self, now: SystemTime) -> bool {
-        self.last_seen
-            .is_some_and(|seen| now.duration_since(seen).unwrap_or_default() < Duration::from_secs(300))
+        self.last_seen.is_some_and(|seen| {
+            now.duration_since(seen).unwrap_or_default() < Duration::from_secs(300)
+        })
     }
 
     /// Whether a per-host token hash is stored.
@@ -195,11 +196,15 @@ impl QueueError {
 impl fmt::Display for QueueError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            QueueError::InvalidCommand(c) => write!(f, "String should match pattern for command {c:?}"),
+            QueueError::InvalidCommand(c) => {
+                write!(f, "String should match pattern for command {c:?}")
+            }
             QueueError::InvalidHostId(_) => f.write_str("Invalid host ID format"),
             QueueError::NotFound => f.write_str("Host not found"),
             QueueError::NeverSeen => f.write_str("Host has never been seen online"),
-            QueueError::Offline { minutes } => write!(f, "Host is offline (last seen {minutes} minutes ago)"),
+            QueueError::Offline { minutes } => {
+                write!(f, "Host is offline (last seen {minutes} minutes ago)")
+            }
         }
     }
 }
@@ -271,7 +276,11 @@ impl Db {
 
     /// The command log of one host, oldest first.
     pub fn logs(&self, id: &str) -> Vec<LogRow> {
-        self.logs.iter().filter(|l| l.host_id == id).cloned().collect()
+        self.logs
+            .iter()
+            .filter(|l| l.host_id == id)
+            .cloned()
+            .collect()
     }
 
     /// The last raw token provisioned for or set on `id`.
@@ -280,17 +289,27 @@ impl Db {
     }
 
     /// §2.1: per-host token (own host only), then the shared token when allowed.
-    pub fn authorize(&self, id: &str, bearer: Option<&str>, shared: Option<&str>, allow_shared: bool) -> bool {
+    pub fn authorize(
+        &self,
+        id: &str,
+        bearer: Option<&str>,
+        shared: Option<&str>,
+        allow_shared: bool,
+    ) -> bool {
         let Some(token) = bearer.filter(|t| !t.is_empty()) else {
             return false;
         };
-        if let Some(stored) = self.hosts.get(id).and_then(|h| h.agent_token_hash.as_deref())
+        if let Some(stored) = self
+            .hosts
+            .get(id)
+            .and_then(|h| h.agent_token_hash.as_deref())
             && constant_time_eq(stored.as_bytes(), token_hash(token).as_bytes())
         {
             return true;
         }
         allow_shared
-            && shared.is_some_and(|s| !s.is_empty() && constant_time_eq(s.as_bytes(), token.as_bytes()))
+            && shared
+                .is_some_and(|s| !s.is_empty() && constant_time_eq(s.as_bytes(), token.as_bytes()))
     }
 
     /// Counts one hit and says whether it is over the limit (§8).
@@ -298,9 +317,15 @@ impl Db {
         let Some(limit) = rate_limit_of(endpoint) else {
             return false;
         };
-        let w = self.rate.entry((ip, endpoint)).or_insert(Window { started: now, hits: 0 });
+        let w = self.rate.entry((ip, endpoint)).or_insert(Window {
+            started: now,
+            hits: 0,
+        });
         if now.duration_since(w.started) >= Duration::from_secs(60) {
-            *w = Window { started: now, hits: 0 };
+            *w = Window {
+                started: now,
+                hits: 0,
+            };
         }
         w.hits += 1;
         w.hits > limit
@@ -312,7 +337,13 @@ impl Db {
     }
 
     /// §3.1 `POST /register` after validation, host-id check and auth.
-    pub fn register(&mut self, id: &str, r: Registration, now: SystemTime, provision: bool) -> Delivery {
+    pub fn register(
+        &mut self,
+        id: &str,
+        r: Registration,
+        now: SystemTime,
+        provision: bool,
+    ) -> Delivery {
         let metrics = r.metrics.filter(|m| !m.is_empty()).map(Value::Object);
         let metrics_updated_at = metrics.as_ref().map(|_| now);
         match self.hosts.get_mut(id) {
@@ -410,10 +441,17 @@ impl Db {
         if comment.as_deref().is_none_or(str::is_empty)
             && let Some(output) = s.output.as_deref().filter(|o| !o.is_empty())
         {
-            let first_line: String = output.split('\n').next().unwrap_or("").chars().take(100).collect();
+            let first_line: String = output
+                .split('\n')
+                .next()
+                .unwrap_or("")
+                .chars()
+                .take(100)
+                .collect();
             if s.status == "error" {
                 comment = Some(first_line);
-            } else if output.contains("Already up to date") || output.contains("Already up-to-date") {
+            } else if output.contains("Already up to date") || output.contains("Already up-to-date")
+            {
                 comment = Some("Already up to date".into());
             } else if output.contains("Updating") {
                 comment = Some("Pull successful".into());
@@ -472,20 +510,30 @@ impl Db {
     }
 
     /// §4/§5 operator queue. `id` is the raw path id (validated and lowercased here).
-    pub fn queue_command(&mut self, id: &str, command: &str, now: SystemTime) -> Result<(), QueueError> {
+    pub fn queue_command(
+        &mut self,
+        id: &str,
+        command: &str,
+        now: SystemTime,
+    ) -> Result<(), QueueError> {
         if !QUEUEABLE.contains(&command) {
             return Err(QueueError::InvalidCommand(command.to_owned()));
         }
         if !validate::is_host_id(id) {
             return Err(QueueError::InvalidHostId(id.to_owned()));
         }
-        let h = self.hosts.get_mut(&id.to_lowercase()).ok_or(QueueError::NotFound)?;
+        let h = self
+            .hosts
+            .get_mut(&id.to_lowercase())
+            .ok_or(QueueError::NotFound)?;
         let Some(seen) = h.last_seen else {
             return Err(QueueError::NeverSeen);
         };
         let age = now.duration_since(seen).unwrap_or_default();
         if age > Duration::from_secs(300) {
-            return Err(QueueError::Offline { minutes: age.as_secs() / 60 });
+            return Err(QueueError::Offline {
+                minutes: age.as_secs() / 60,
+            });
         }
         match command {
             "stop" => {
@@ -544,7 +592,9 @@ impl Db {
 
     fn ensure_host(&mut self, id: &str) -> &mut HostRow {
         let id = id.to_lowercase();
-        self.hosts.entry(id.clone()).or_insert_with(|| HostRow::bare(&id))
+        self.hosts
+            .entry(id.clone())
+            .or_insert_with(|| HostRow::bare(&id))
     }
 }
 
@@ -574,15 +624,33 @@ mod tests {
         let mut db = Db::default();
         db.register("web", reg(basic()), t(0), false);
         let h = db.host("web").unwrap();
-        assert_eq!((h.last_seen, h.status.as_str(), h.poll_interval), (None, "ok", 30));
+        assert_eq!(
+            (h.last_seen, h.status.as_str(), h.poll_interval),
+            (None, "ok", 30)
+        );
         assert_eq!(h.location.as_deref(), Some("cloud"));
-        assert_eq!(db.queue_command("web", "pull", t(1)), Err(QueueError::NeverSeen));
+        assert_eq!(
+            db.queue_command("web", "pull", t(1)),
+            Err(QueueError::NeverSeen)
+        );
 
-        db.register("web", reg(json!({"hostname": "web", "host_type": "macos"})), t(2), false);
+        db.register(
+            "web",
+            reg(json!({"hostname": "web", "host_type": "macos"})),
+            t(2),
+            false,
+        );
         let h = db.host("web").unwrap();
         assert_eq!(h.last_seen, Some(t(2)));
-        assert_eq!(h.location.as_deref(), Some("cloud"), "null keeps the old value");
-        assert_eq!(h.current_generation, None, "[quirk] omitted generation overwrites with NULL");
+        assert_eq!(
+            h.location.as_deref(),
+            Some("cloud"),
+            "null keeps the old value"
+        );
+        assert_eq!(
+            h.current_generation, None,
+            "[quirk] omitted generation overwrites with NULL"
+        );
         assert_eq!(h.host_type, "macos");
     }
 
@@ -590,7 +658,11 @@ mod tests {
     fn heartbeat_resets_error_status() {
         let mut db = Db::default();
         db.register("web", reg(basic()), t(0), false);
-        db.status("web", status(json!({"status": "error", "output": "boom\nmore"})), t(1));
+        db.status(
+            "web",
+            status(json!({"status": "error", "output": "boom\nmore"})),
+            t(1),
+        );
         assert_eq!(db.host("web").unwrap().status, "error");
         assert_eq!(db.host("web").unwrap().comment.as_deref(), Some("boom"));
         db.register("web", reg(basic()), t(2), false);
@@ -603,8 +675,15 @@ mod tests {
         let d = db.register("web", reg(basic()), t(0), true);
         let token = d.agent_token.unwrap();
         assert_eq!(token.len(), 43);
-        assert!(token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
-        assert_eq!(db.register("web", reg(basic()), t(1), true).agent_token, None);
+        assert!(
+            token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        );
+        assert_eq!(
+            db.register("web", reg(basic()), t(1), true).agent_token,
+            None
+        );
         assert!(db.authorize("web", Some(&token), Some("shared"), false));
         assert!(!db.authorize("db", Some(&token), Some("shared"), false));
         assert!(db.authorize("db", Some("shared"), Some("shared"), true));
@@ -616,12 +695,33 @@ mod tests {
     fn comment_derivation_keeps_previous_when_nothing_matches() {
         let mut db = Db::default();
         db.register("web", reg(basic()), t(0), false);
-        db.status("web", status(json!({"status": "ok", "output": "Updating 1..2"})), t(1));
-        assert_eq!(db.host("web").unwrap().comment.as_deref(), Some("Pull successful"));
-        db.status("web", status(json!({"status": "ok", "output": "Switch: done"})), t(2));
-        assert_eq!(db.host("web").unwrap().comment.as_deref(), Some("Pull successful"));
-        db.status("web", status(json!({"status": "ok", "output": "x Already up-to-date."})), t(3));
-        assert_eq!(db.host("web").unwrap().comment.as_deref(), Some("Already up to date"));
+        db.status(
+            "web",
+            status(json!({"status": "ok", "output": "Updating 1..2"})),
+            t(1),
+        );
+        assert_eq!(
+            db.host("web").unwrap().comment.as_deref(),
+            Some("Pull successful")
+        );
+        db.status(
+            "web",
+            status(json!({"status": "ok", "output": "Switch: done"})),
+            t(2),
+        );
+        assert_eq!(
+            db.host("web").unwrap().comment.as_deref(),
+            Some("Pull successful")
+        );
+        db.status(
+            "web",
+            status(json!({"status": "ok", "output": "x Already up-to-date."})),
+            t(3),
+        );
+        assert_eq!(
+            db.host("web").unwrap().comment.as_deref(),
+            Some("Already up to date")
+        );
         assert_eq!(db.host("web").unwrap().last_switch, Some(t(3)));
     }
 
@@ -638,9 +738,18 @@ mod tests {
         let h = db.host("web").unwrap();
         assert!(!h.test_running);
         assert_eq!(h.pending_command, None);
-        assert_eq!(db.queue_command("web", "update", t(3)), Err(QueueError::InvalidCommand("update".into())));
-        assert_eq!(db.queue_command("nope", "pull", t(3)), Err(QueueError::NotFound));
-        assert_eq!(db.queue_command("web", "pull", t(301)), Err(QueueError::Offline { minutes: 5 }));
+        assert_eq!(
+            db.queue_command("web", "update", t(3)),
+            Err(QueueError::InvalidCommand("update".into()))
+        );
+        assert_eq!(
+            db.queue_command("nope", "pull", t(3)),
+            Err(QueueError::NotFound)
+        );
+        assert_eq!(
+            db.queue_command("web", "pull", t(301)),
+            Err(QueueError::Offline { minutes: 5 })
+        );
     }
 
     #[test]

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    PublicKeyData as _,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData as _,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sha2::{Digest, Sha256};
@@ -38,7 +38,9 @@ impl std::fmt::Debug for TlsMaterial {
 pub fn generate() -> Result<TlsMaterial, Box<dyn std::error::Error + Send + Sync>> {
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.distinguished_name.push(DnType::CommonName, "fake-dashboard test CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "fake-dashboard test CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_cert = ca_params.self_signed(&ca_key)?;
@@ -46,21 +48,29 @@ pub fn generate() -> Result<TlsMaterial, Box<dyn std::error::Error + Send + Sync
 
     let server_key = KeyPair::generate()?;
     let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?;
-    params.distinguished_name.push(DnType::CommonName, "127.0.0.1");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "127.0.0.1");
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let server_cert = params.signed_by(&server_key, &issuer)?;
 
     let spki = server_key.subject_public_key_info();
-    let spki_sha256_base64 = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&spki));
+    let spki_sha256_base64 =
+        base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&spki));
 
-    let chain = vec![server_cert.der().clone(), CertificateDer::from(ca_cert.der().to_vec())];
+    let chain = vec![
+        server_cert.der().clone(),
+        CertificateDer::from(ca_cert.der().to_vec()),
+    ];
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der()));
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsMaterial {
         ca_pem: ca_cert.pem(),

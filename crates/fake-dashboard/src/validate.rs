@@ -112,7 +112,9 @@ pub fn is_host_id(s: &str) -> bool {
     !b.is_empty()
         && b.len() <= 63
         && b[0].is_ascii_alphabetic()
-        && b[1..].iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
+        && b[1..]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'-')
 }
 
 /// `^[a-zA-Z0-9-]{1,64}$`: the generation rule of the registration model.
@@ -136,7 +138,10 @@ pub fn clean_output(s: &str) -> String {
 }
 
 /// What a request body turned out to be before any model is applied.
-fn parse_object(body: &[u8], content_type: Option<&str>) -> Result<Map<String, Value>, Vec<ValidationError>> {
+fn parse_object(
+    body: &[u8],
+    content_type: Option<&str>,
+) -> Result<Map<String, Value>, Vec<ValidationError>> {
     if body.is_empty() {
         return Err(vec![ValidationError {
             kind: "missing",
@@ -147,7 +152,12 @@ fn parse_object(body: &[u8], content_type: Option<&str>) -> Result<Map<String, V
         }]);
     }
     let is_json = content_type.is_none_or(|ct| {
-        let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let mime = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
     });
     let value = if is_json {
@@ -207,7 +217,10 @@ enum Lookup<'a> {
 
 impl<'a> Fields<'a> {
     fn new(obj: &'a Map<String, Value>) -> Self {
-        Fields { obj, errors: Vec::new() }
+        Fields {
+            obj,
+            errors: Vec::new(),
+        }
     }
 
     fn lookup(&self, name: &str) -> Lookup<'a> {
@@ -218,7 +231,14 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn error(&mut self, name: &str, kind: &'static str, msg: String, input: &Value, ctx: Option<Value>) {
+    fn error(
+        &mut self,
+        name: &str,
+        kind: &'static str,
+        msg: String,
+        input: &Value,
+        ctx: Option<Value>,
+    ) {
         self.errors.push(ValidationError {
             kind,
             loc: vec![json!("body"), json!(name)],
@@ -236,7 +256,13 @@ impl<'a> Fields<'a> {
     /// A string with length bounds (in characters, like Python).
     fn string(&mut self, name: &str, v: &Value, min: usize, max: Option<usize>) -> Option<String> {
         let Value::String(s) = v else {
-            self.error(name, "string_type", "Input should be a valid string".into(), v, None);
+            self.error(
+                name,
+                "string_type",
+                "Input should be a valid string".into(),
+                v,
+                None,
+            );
             return None;
         };
         let len = s.chars().count();
@@ -275,7 +301,12 @@ impl<'a> Fields<'a> {
     }
 
     /// `Optional[str] = Field(default, pattern=...)` where the pattern is an alternation.
-    fn opt_choice(&mut self, name: &str, choices: &[&str], default: Option<&str>) -> Option<String> {
+    fn opt_choice(
+        &mut self,
+        name: &str,
+        choices: &[&str],
+        default: Option<&str>,
+    ) -> Option<String> {
         let s = self.opt_str(name, None, default)?;
         if self.obj.get(name).is_some() && !choices.contains(&s.as_str()) {
             self.pattern_error(name, &json!(s), &format!("^({})$", choices.join("|")));
@@ -295,7 +326,13 @@ impl<'a> Fields<'a> {
     }
 
     fn value_error(&mut self, name: &str, v: &Value, msg: &str) {
-        self.error(name, "value_error", format!("Value error, {msg}"), v, Some(json!({ "error": {} })));
+        self.error(
+            name,
+            "value_error",
+            format!("Value error, {msg}"),
+            v,
+            Some(json!({ "error": {} })),
+        );
     }
 
     /// A required string.
@@ -306,7 +343,13 @@ impl<'a> Fields<'a> {
                 None
             }
             Lookup::Null => {
-                self.error(name, "string_type", "Input should be a valid string".into(), &Value::Null, None);
+                self.error(
+                    name,
+                    "string_type",
+                    "Input should be a valid string".into(),
+                    &Value::Null,
+                    None,
+                );
                 None
             }
             Lookup::Present(v) => self.string(name, v, min, max),
@@ -325,7 +368,8 @@ impl<'a> Fields<'a> {
                         self.error(
                             name,
                             "int_from_float",
-                            "Input should be a valid integer, got a number with a fractional part".into(),
+                            "Input should be a valid integer, got a number with a fractional part"
+                                .into(),
                             v,
                             None,
                         );
@@ -333,7 +377,13 @@ impl<'a> Fields<'a> {
                     }
                     f as i64
                 } else {
-                    self.error(name, "int_type", "Input should be a valid integer".into(), v, None);
+                    self.error(
+                        name,
+                        "int_type",
+                        "Input should be a valid integer".into(),
+                        v,
+                        None,
+                    );
                     return None;
                 }
             }
@@ -343,7 +393,8 @@ impl<'a> Fields<'a> {
                     self.error(
                         name,
                         "int_parsing",
-                        "Input should be a valid integer, unable to parse string as an integer".into(),
+                        "Input should be a valid integer, unable to parse string as an integer"
+                            .into(),
                         v,
                         None,
                     );
@@ -351,7 +402,13 @@ impl<'a> Fields<'a> {
                 }
             },
             _ => {
-                self.error(name, "int_type", "Input should be a valid integer".into(), v, None);
+                self.error(
+                    name,
+                    "int_type",
+                    "Input should be a valid integer".into(),
+                    v,
+                    None,
+                );
                 return None;
             }
         };
@@ -392,7 +449,13 @@ impl<'a> Fields<'a> {
                 default
             }
             Lookup::Null => {
-                self.error(name, "int_type", "Input should be a valid integer".into(), &Value::Null, None);
+                self.error(
+                    name,
+                    "int_type",
+                    "Input should be a valid integer".into(),
+                    &Value::Null,
+                    None,
+                );
                 None
             }
             Lookup::Present(v) => self.int(name, v, Some(0), None),
@@ -404,7 +467,13 @@ impl<'a> Fields<'a> {
         let v = match self.lookup(name) {
             Lookup::Absent => return Some(default),
             Lookup::Null => {
-                self.error(name, "bool_type", "Input should be a valid boolean".into(), &Value::Null, None);
+                self.error(
+                    name,
+                    "bool_type",
+                    "Input should be a valid boolean".into(),
+                    &Value::Null,
+                    None,
+                );
                 return None;
             }
             Lookup::Present(v) => v,
@@ -412,8 +481,8 @@ impl<'a> Fields<'a> {
         let parsed = match v {
             Value::Bool(b) => Some(*b),
             Value::Number(n) => match n.as_f64() {
-                Some(f) if f == 0.0 => Some(false),
-                Some(f) if f == 1.0 => Some(true),
+                Some(0.0) => Some(false),
+                Some(1.0) => Some(true),
                 _ => None,
             },
             Value::String(s) => match s.to_ascii_lowercase().as_str() {
@@ -422,7 +491,13 @@ impl<'a> Fields<'a> {
                 _ => None,
             },
             _ => {
-                self.error(name, "bool_type", "Input should be a valid boolean".into(), v, None);
+                self.error(
+                    name,
+                    "bool_type",
+                    "Input should be a valid boolean".into(),
+                    v,
+                    None,
+                );
                 return None;
             }
         };
@@ -439,7 +514,11 @@ impl<'a> Fields<'a> {
     }
 
     fn finish<T>(self, value: impl FnOnce() -> T) -> Result<T, Vec<ValidationError>> {
-        if self.errors.is_empty() { Ok(value()) } else { Err(self.errors) }
+        if self.errors.is_empty() {
+            Ok(value())
+        } else {
+            Err(self.errors)
+        }
     }
 }
 
@@ -448,7 +527,10 @@ fn plural(n: usize) -> &'static str {
 }
 
 /// Validates a `POST /register` body.
-pub fn registration(body: &[u8], content_type: Option<&str>) -> Result<Registration, Vec<ValidationError>> {
+pub fn registration(
+    body: &[u8],
+    content_type: Option<&str>,
+) -> Result<Registration, Vec<ValidationError>> {
     let obj = parse_object(body, content_type)?;
     let mut f = Fields::new(&obj);
     let hostname = f.req_str("hostname", 1, Some(63)).and_then(|h| {
@@ -468,7 +550,11 @@ pub fn registration(body: &[u8], content_type: Option<&str>) -> Result<Registrat
         }
     });
     let location = f.opt_str("location", Some(50), None);
-    let device_type = f.opt_choice("device_type", &["server", "desktop", "laptop", "gaming"], Some("server"));
+    let device_type = f.opt_choice(
+        "device_type",
+        &["server", "desktop", "laptop", "gaming"],
+        Some("server"),
+    );
     let theme_color = f.opt_str("theme_color", None, Some("#769ff0"));
     if let Some(c) = &theme_color
         && obj.get("theme_color").is_some()
@@ -500,7 +586,13 @@ pub fn registration(body: &[u8], content_type: Option<&str>) -> Result<Registrat
         Lookup::Absent | Lookup::Null => None,
         Lookup::Present(Value::Object(m)) => Some(m.clone()),
         Lookup::Present(v) => {
-            f.error("metrics", "dict_type", "Input should be a valid dictionary".into(), v, None);
+            f.error(
+                "metrics",
+                "dict_type",
+                "Input should be a valid dictionary".into(),
+                v,
+                None,
+            );
             None
         }
     };
@@ -526,7 +618,10 @@ pub fn registration(body: &[u8], content_type: Option<&str>) -> Result<Registrat
 }
 
 /// Validates a `POST /status` body and cleans `output`.
-pub fn status_report(body: &[u8], content_type: Option<&str>) -> Result<StatusReport, Vec<ValidationError>> {
+pub fn status_report(
+    body: &[u8],
+    content_type: Option<&str>,
+) -> Result<StatusReport, Vec<ValidationError>> {
     let obj = parse_object(body, content_type)?;
     let mut f = Fields::new(&obj);
     let status = f.req_str("status", 0, None).and_then(|s| {
@@ -538,7 +633,9 @@ pub fn status_report(body: &[u8], content_type: Option<&str>) -> Result<StatusRe
         }
     });
     let current_generation = f.opt_str("current_generation", Some(64), None);
-    let output = f.opt_str("output", Some(10_000), None).map(|o| clean_output(&o));
+    let output = f
+        .opt_str("output", Some(10_000), None)
+        .map(|o| clean_output(&o));
     let test_status = f.opt_str("test_status", Some(100), None);
     let comment = f.opt_str("comment", Some(200), None);
     f.finish(|| StatusReport {
@@ -551,7 +648,10 @@ pub fn status_report(body: &[u8], content_type: Option<&str>) -> Result<StatusRe
 }
 
 /// Validates a `POST /test-progress` body.
-pub fn test_progress(body: &[u8], content_type: Option<&str>) -> Result<TestProgress, Vec<ValidationError>> {
+pub fn test_progress(
+    body: &[u8],
+    content_type: Option<&str>,
+) -> Result<TestProgress, Vec<ValidationError>> {
     let obj = parse_object(body, content_type)?;
     let mut f = Fields::new(&obj);
     let current = f.nonneg_int("current", None);
@@ -603,7 +703,10 @@ mod tests {
             "current_generation": "abc.def", "config_repo": "r".repeat(201), "metrics": [1]
         }))
         .unwrap_err();
-        let fields: Vec<_> = errs.iter().map(|e| e.loc[1].as_str().unwrap().to_owned()).collect();
+        let fields: Vec<_> = errs
+            .iter()
+            .map(|e| e.loc[1].as_str().unwrap().to_owned())
+            .collect();
         assert_eq!(
             fields,
             [
@@ -647,9 +750,12 @@ mod tests {
 
     #[test]
     fn empty_generation_is_allowed_but_too_long_is_not() {
-        assert!(reg(json!({"hostname": "a", "host_type": "nixos", "current_generation": ""})).is_ok());
+        assert!(
+            reg(json!({"hostname": "a", "host_type": "nixos", "current_generation": ""})).is_ok()
+        );
         let long = "a".repeat(65);
-        let errs = reg(json!({"hostname": "a", "host_type": "nixos", "current_generation": long})).unwrap_err();
+        let errs = reg(json!({"hostname": "a", "host_type": "nixos", "current_generation": long}))
+            .unwrap_err();
         assert_eq!(errs[0].kind, "string_too_long");
     }
 
@@ -682,7 +788,10 @@ mod tests {
     fn status_value_must_be_ok_error_or_unknown() {
         let e = status_report(br#"{"status":"success"}"#, None).unwrap_err();
         assert_eq!(e[0].kind, "string_pattern_mismatch");
-        assert_eq!(e[0].msg, "String should match pattern '^(ok|error|unknown)$'");
+        assert_eq!(
+            e[0].msg,
+            "String should match pattern '^(ok|error|unknown)$'"
+        );
     }
 
     #[test]

@@ -5,7 +5,10 @@
 //! Everything a test starts is killed when its [`Harness`] / [`AgentProcess`] drops, so a
 //! failing assertion never leaves an agent running.
 
-#![allow(dead_code, reason = "each test module uses a different part of the harness")]
+#![allow(
+    dead_code,
+    reason = "each test module uses a different part of the harness"
+)]
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
@@ -149,12 +152,18 @@ impl Harness {
         let vars = vec![
             ("NIXFLEET_URL".into(), dash.url()),
             ("NIXFLEET_ALLOW_INSECURE_HTTP".into(), "1".into()),
-            ("NIXFLEET_TOKEN_FILE".into(), token_file.display().to_string()),
+            (
+                "NIXFLEET_TOKEN_FILE".into(),
+                token_file.display().to_string(),
+            ),
             ("NIXFLEET_HOSTNAME".into(), HOST.into()),
             ("NIXFLEET_INTERVAL".into(), "1".into()),
             ("NIXFLEET_BACKOFF_CAP".into(), "2".into()),
             ("NIXFLEET_STATE_DIR".into(), state_dir.display().to_string()),
-            ("NIXFLEET_RUNTIME_DIR".into(), runtime_dir.display().to_string()),
+            (
+                "NIXFLEET_RUNTIME_DIR".into(),
+                runtime_dir.display().to_string(),
+            ),
             ("NIXFLEET_LOG".into(), "info".into()),
             ("NIXFLEET_SWITCH_MODE".into(), "nixos".into()),
             ("PATH".into(), path),
@@ -261,7 +270,9 @@ impl Harness {
     }
 
     pub fn wait_status(&self, timeout: Duration, needle: &str) -> bool {
-        wait_until(timeout, || self.statuses().iter().any(|s| s.contains(needle)))
+        wait_until(timeout, || {
+            self.statuses().iter().any(|s| s.contains(needle))
+        })
     }
 
     pub fn status_bodies(&self) -> Vec<serde_json::Value> {
@@ -365,7 +376,11 @@ impl Drop for AgentProcess {
             let _ = self.child.wait();
         }
         if std::thread::panicking() {
-            eprintln!("---- agent log {} ----\n{}", self.log_path.display(), self.log());
+            eprintln!(
+                "---- agent log {} ----\n{}",
+                self.log_path.display(),
+                self.log()
+            );
         }
     }
 }

@@ -7,8 +7,16 @@ use crate::util::{Agent, SHARED, fake_with, register_body, send};
 #[test]
 fn invalid_body_is_422_with_pydantic_detail_even_without_auth() {
     let dash = fake_with(|_| {});
-    let body = json!({"hostname": "h1", "host_type": "linux", "agent_version": "x".repeat(21)}).to_string();
-    let r = send(&dash.url(), "POST", "/api/hosts/h1/register", None, Some(body.as_bytes())).unwrap();
+    let body = json!({"hostname": "h1", "host_type": "linux", "agent_version": "x".repeat(21)})
+        .to_string();
+    let r = send(
+        &dash.url(),
+        "POST",
+        "/api/hosts/h1/register",
+        None,
+        Some(body.as_bytes()),
+    )
+    .unwrap();
     assert_eq!(r.status, 422);
     assert_eq!(r.header("content-type"), Some("application/json"));
     let detail = r.json()["detail"].as_array().unwrap().clone();
@@ -24,11 +32,25 @@ fn invalid_body_is_422_with_pydantic_detail_even_without_auth() {
 #[test]
 fn non_json_body_is_422_before_bad_id_and_auth() {
     let dash = fake_with(|_| {});
-    let r = send(&dash.url(), "POST", "/api/hosts/bad_id/status", Some("wrong"), Some(b"{oops")).unwrap();
+    let r = send(
+        &dash.url(),
+        "POST",
+        "/api/hosts/bad_id/status",
+        Some("wrong"),
+        Some(b"{oops"),
+    )
+    .unwrap();
     assert_eq!(r.status, 422);
     assert_eq!(r.json()["detail"][0]["type"], "json_invalid");
     let progress = json!({"total": 1}).to_string();
-    let r = send(&dash.url(), "POST", "/api/hosts/h/test-progress", None, Some(progress.as_bytes())).unwrap();
+    let r = send(
+        &dash.url(),
+        "POST",
+        "/api/hosts/h/test-progress",
+        None,
+        Some(progress.as_bytes()),
+    )
+    .unwrap();
     assert_eq!(r.status, 422);
     assert_eq!(r.json()["detail"][0]["loc"], json!(["body", "current"]));
 }
@@ -38,9 +60,19 @@ fn bad_host_id_is_400_before_auth() {
     let dash = fake_with(|_| {});
     let body = register_body("ok-name").to_string();
     for id in ["1abc", "a.b", "a_b", &"a".repeat(64)] {
-        let r = send(&dash.url(), "POST", &format!("/api/hosts/{id}/register"), Some("wrong"), Some(body.as_bytes()))
-            .unwrap();
-        assert_eq!((r.status, r.json()), (400, json!({"detail": "Invalid host ID format"})), "{id}");
+        let r = send(
+            &dash.url(),
+            "POST",
+            &format!("/api/hosts/{id}/register"),
+            Some("wrong"),
+            Some(body.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(
+            (r.status, r.json()),
+            (400, json!({"detail": "Invalid host ID format"})),
+            "{id}"
+        );
     }
 }
 
@@ -49,7 +81,11 @@ fn wrong_or_missing_token_is_401() {
     let dash = fake_with(|_| {});
     for bearer in [None, Some(""), Some("nope")] {
         let r = send(&dash.url(), "GET", "/api/hosts/h/poll", bearer, None).unwrap();
-        assert_eq!((r.status, r.json()), (401, json!({"detail": "Invalid API token"})), "{bearer:?}");
+        assert_eq!(
+            (r.status, r.json()),
+            (401, json!({"detail": "Invalid API token"})),
+            "{bearer:?}"
+        );
     }
     assert!(dash.host("h").is_none());
 }
@@ -64,7 +100,11 @@ fn token_is_provisioned_once_and_valid_only_for_its_own_host() {
     assert_eq!(first["command"], json!(null));
     let token = first["agent_token"].as_str().unwrap().to_owned();
     assert_eq!(token.len(), 43);
-    assert!(token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+    assert!(
+        token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    );
     assert_eq!(dash.issued_token("alpha").as_deref(), Some(token.as_str()));
     assert!(dash.host("alpha").unwrap().has_agent_token());
 
@@ -75,7 +115,10 @@ fn token_is_provisioned_once_and_valid_only_for_its_own_host() {
     let own = Agent::with_token(&dash, &token);
     assert_eq!(own.register("ALPHA").status, 200, "ids are lowercased");
     let beta = own.register("beta");
-    assert_eq!(beta.status, 401, "a per-host token is not valid for another host");
+    assert_eq!(
+        beta.status, 401,
+        "a per-host token is not valid for another host"
+    );
 
     // The shared token keeps working until shared mode is switched off.
     dash.set_options(|o| o.allow_shared = false);
@@ -83,7 +126,10 @@ fn token_is_provisioned_once_and_valid_only_for_its_own_host() {
     assert_eq!(own.register("alpha").status, 200);
     dash.set_host_token("alpha", "rotated");
     assert_eq!(own.register("alpha").status, 401);
-    assert_eq!(Agent::with_token(&dash, "rotated").register("alpha").status, 200);
+    assert_eq!(
+        Agent::with_token(&dash, "rotated").register("alpha").status,
+        200
+    );
 }
 
 #[test]
@@ -113,7 +159,18 @@ fn rate_limit_answers_500_text_after_30_registers_and_422_does_not_count() {
     let agent = Agent::new(&dash);
     for _ in 0..5 {
         let bad = json!({"hostname": "h"}).to_string();
-        assert_eq!(send(&dash.url(), "POST", "/api/hosts/h/register", None, Some(bad.as_bytes())).unwrap().status, 422);
+        assert_eq!(
+            send(
+                &dash.url(),
+                "POST",
+                "/api/hosts/h/register",
+                None,
+                Some(bad.as_bytes())
+            )
+            .unwrap()
+            .status,
+            422
+        );
     }
     for i in 0..30 {
         assert_eq!(agent.register("h").status, 200, "register {i}");
@@ -134,7 +191,26 @@ fn rate_limit_answers_500_text_after_30_registers_and_422_does_not_count() {
 fn health_needs_no_auth_and_unknown_paths_are_404() {
     let dash = fake_with(|o| o.rate_limit = true);
     let r = send(&dash.url(), "GET", "/health", None, None).unwrap();
-    assert_eq!(r.json(), json!({"status": "healthy", "version": "fake-dashboard"}));
-    assert_eq!(send(&dash.url(), "GET", "/api/hosts", None, None).unwrap().status, 404);
-    assert_eq!(send(&dash.url(), "GET", "/api/hosts/h/register", Some(SHARED), None).unwrap().status, 405);
+    assert_eq!(
+        r.json(),
+        json!({"status": "healthy", "version": "fake-dashboard"})
+    );
+    assert_eq!(
+        send(&dash.url(), "GET", "/api/hosts", None, None)
+            .unwrap()
+            .status,
+        404
+    );
+    assert_eq!(
+        send(
+            &dash.url(),
+            "GET",
+            "/api/hosts/h/register",
+            Some(SHARED),
+            None
+        )
+        .unwrap()
+        .status,
+        405
+    );
 }

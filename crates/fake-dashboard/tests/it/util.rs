@@ -1,7 +1,7 @@
 //! A tiny blocking HTTP/1.1 client (plain and rustls) so the tests see exactly what goes on
 //! the wire: status, headers, raw body bytes, refused connections, hung reads.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,12 +54,16 @@ pub fn write_request(
     body: Option<&[u8]>,
     keep_alive: bool,
 ) -> io::Result<()> {
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: it-client/1\r\n");
+    let mut head =
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: it-client/1\r\n");
     if let Some(token) = bearer {
         head.push_str(&format!("Authorization: Bearer {token}\r\n"));
     }
     if let Some(b) = body {
-        head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()));
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
     }
     if !keep_alive {
         head.push_str("Connection: close\r\n");
@@ -79,7 +83,10 @@ pub fn read_response_with(
 ) -> io::Result<(u16, Vec<(String, String)>)> {
     let mut line = String::new();
     if r.read_line(&mut line)? == 0 {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before a response"));
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed before a response",
+        ));
     }
     let status: u16 = line
         .split_whitespace()
@@ -153,12 +160,19 @@ pub fn read_response_with(
 pub fn read_response(r: &mut impl BufRead) -> io::Result<Resp> {
     let mut body = Vec::new();
     let (status, headers) = read_response_with(r, |d| body.extend_from_slice(d))?;
-    Ok(Resp { status, headers, body })
+    Ok(Resp {
+        status,
+        headers,
+        body,
+    })
 }
 
 /// Host and port of a fake's URL.
 pub fn addr(url: &str) -> String {
-    url.split("://").nth(1).expect("url has a scheme").to_owned()
+    url.split("://")
+        .nth(1)
+        .expect("url has a scheme")
+        .to_owned()
 }
 
 /// Opens a plain connection with a read timeout.
@@ -169,7 +183,13 @@ pub fn connect(url: &str, read_timeout: Duration) -> io::Result<TcpStream> {
 }
 
 /// One request on a fresh plain connection.
-pub fn send(url: &str, method: &str, path: &str, bearer: Option<&str>, body: Option<&[u8]>) -> io::Result<Resp> {
+pub fn send(
+    url: &str,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<&[u8]>,
+) -> io::Result<Resp> {
     let mut s = connect(url, Duration::from_secs(10))?;
     write_request(&mut s, method, path, bearer, body, false)?;
     read_response(&mut BufReader::new(s))
@@ -213,7 +233,14 @@ impl Agent {
     }
 
     pub fn poll(&self, host: &str) -> Resp {
-        send(&self.url, "GET", &format!("/api/hosts/{host}/poll"), Some(&self.token), None).expect("request")
+        send(
+            &self.url,
+            "GET",
+            &format!("/api/hosts/{host}/poll"),
+            Some(&self.token),
+            None,
+        )
+        .expect("request")
     }
 
     pub fn status(&self, host: &str, body: &Value) -> Resp {
@@ -249,10 +276,12 @@ pub fn tls_client(ca_pem: &str) -> Arc<rustls::ClientConfig> {
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.expect("pem")).expect("add root");
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     Arc::new(config)
 }

@@ -38,6 +38,19 @@ enum CliCommand {
     /// Validate the configuration, print the effective settings (token redacted), and exit
     /// 0, or 78 with the problem.
     CheckConfig,
+    /// Internal: run a switch outside the agent and write its result file (the agent starts
+    /// this itself, through systemd-run or a new session).
+    #[command(hide = true)]
+    SwitchWrapper {
+        #[arg(long)]
+        result: PathBuf,
+        #[arg(long)]
+        timeout_ms: u64,
+        #[arg(long)]
+        kill_grace_ms: u64,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
 }
 
 /// Flags override the environment, which overrides the config file.
@@ -93,6 +106,17 @@ pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Some(CliCommand::CheckConfig) => check_config(&cli.flags),
+        Some(CliCommand::SwitchWrapper {
+            result,
+            timeout_ms,
+            kill_grace_ms,
+            argv,
+        }) => crate::detach::run_wrapper(
+            &result,
+            std::time::Duration::from_millis(timeout_ms),
+            std::time::Duration::from_millis(kill_grace_ms),
+            &argv,
+        ),
         Some(CliCommand::Run) | None => run(&cli.flags),
     };
     std::process::ExitCode::from(code)
@@ -291,6 +315,7 @@ fn run(flags: &Flags) -> u8 {
         let os = OsFacts::detect(&runner, &CancellationToken::new()).await;
         let startup = Startup {
             settings,
+            state_dir,
             runner,
             credentials,
             outbox,

@@ -104,6 +104,8 @@ settings_table! {
     "kill_grace" => "NIXFLEET_KILL_GRACE";
     "shutdown_grace" => "NIXFLEET_SHUTDOWN_GRACE";
     "switch_mode" => "NIXFLEET_SWITCH_MODE";
+    "switch_isolation" => "NIXFLEET_SWITCH_ISOLATION";
+    "switch_lock" => "NIXFLEET_SWITCH_LOCK";
     "state_dir" => "NIXFLEET_STATE_DIR", "--state-dir";
     "runtime_dir" => "NIXFLEET_RUNTIME_DIR", "--runtime-dir";
     "log" => "NIXFLEET_LOG";
@@ -321,6 +323,18 @@ pub enum SwitchMode {
     HomeManager,
 }
 
+/// How a switch is kept alive across agent restarts (see `detach`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwitchIsolation {
+    /// systemd-run where systemd runs and the agent is root, a new session on macOS,
+    /// otherwise in-process.
+    Auto,
+    SystemdRun,
+    Session,
+    /// In the agent's own process tree (the old way).
+    None,
+}
+
 /// Per-class child-process timeouts (`../shared/agent-resilience.md` §4).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Timeouts {
@@ -393,6 +407,9 @@ pub struct Settings {
     pub agent_version: String,
     pub timeouts: Timeouts,
     pub switch_mode: SwitchMode,
+    pub switch_isolation: SwitchIsolation,
+    /// The lock a manual `nixos-rebuild switch` holds; the agent never switches concurrently.
+    pub switch_lock: PathBuf,
     pub state_dir: Option<PathBuf>,
     pub runtime_dir: Option<PathBuf>,
     pub log_filter: Option<String>,
@@ -885,6 +902,22 @@ impl Settings {
                 }
             },
         };
+        let switch_isolation = match raw.get("switch_isolation") {
+            None => SwitchIsolation::Auto,
+            Some(v) => match v.value.trim() {
+                "auto" => SwitchIsolation::Auto,
+                "systemd-run" => SwitchIsolation::SystemdRun,
+                "session" => SwitchIsolation::Session,
+                "none" => SwitchIsolation::None,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "switch_isolation",
+                        v,
+                        "expected auto, systemd-run, session or none",
+                    ));
+                }
+            },
+        };
         let queue_limit = match raw.get("queue_limit") {
             None => 8,
             Some(v) => match v.value.trim().parse::<usize>() {
@@ -936,6 +969,10 @@ impl Settings {
             agent_version,
             timeouts,
             switch_mode,
+            switch_isolation,
+            switch_lock: path_setting("switch_lock")?.unwrap_or_else(|| {
+                PathBuf::from("/run/nixos/switch-to-configuration.lock")
+            }),
             state_dir: path_setting("state_dir")?,
             runtime_dir: path_setting("runtime_dir")?,
             log_filter: raw.get("log").map(|v| v.value.trim().to_string()),
@@ -960,7 +997,8 @@ impl Settings {
         format!(
             "url = {}\ntoken = {token}\nhostname = {}\nhost_type = {}\nlocation = {}\n\
              device_type = {}\ninterval = {}\nbackoff_cap = {}\nrepo = {:?}\n\
-             agent_version = {}\ntimeouts = {:?}\nswitch_mode = {:?}\nstall_timeout = {}\n",
+             agent_version = {}\ntimeouts = {:?}\nswitch_mode = {:?}\n\
+             switch_isolation = {:?}\nstall_timeout = {}\n",
             self.url,
             self.host.hostname,
             self.host.host_type.as_str(),
@@ -972,6 +1010,7 @@ impl Settings {
             self.agent_version,
             self.timeouts,
             self.switch_mode,
+            self.switch_isolation,
             human_duration(self.stall_timeout),
         )
     }

@@ -16,3 +16,4 @@ pub mod lock;
 pub mod logging;
 pub mod store;
 pub mod supervisor;
+pub mod detach;

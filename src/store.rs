@@ -81,6 +81,10 @@ pub struct JournalEntry {
     pub command: String,
     pub step: String,
     pub started_unix: u64,
+    /// Set once the command's switch runs outside the agent: the next instance waits for its
+    /// result instead of calling the command interrupted.
+    #[serde(default)]
+    pub detached: Option<crate::detach::Detached>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -142,6 +146,7 @@ impl Journal {
             command: command.to_string(),
             step: "starting".into(),
             started_unix,
+            detached: None,
         });
         self.persist();
         self.last_id
@@ -152,6 +157,26 @@ impl Journal {
             entry.step = step.to_string();
             self.persist();
         }
+    }
+
+    /// The running command's switch now runs outside the agent.
+    pub fn detach(&mut self, detached: crate::detach::Detached) {
+        if let Some(entry) = &mut self.running {
+            entry.detached = Some(detached);
+            self.persist();
+        }
+    }
+
+    /// Takes over a command a previous instance left with a detached switch.
+    pub fn resume(&mut self, entry: JournalEntry) {
+        self.last_id = self.last_id.max(entry.id);
+        self.running = Some(entry);
+        self.persist();
+    }
+
+    /// The running entry, if any.
+    pub fn running(&self) -> Option<&JournalEntry> {
+        self.running.as_ref()
     }
 
     /// The command is over (its reports are in the outbox).

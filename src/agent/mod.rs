@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::commands::{self, Command, Context, ExecEvent, sanitize_name};
+use crate::commands::{self, Command, Context, ExecEvent, Job, sanitize_name};
 use crate::config::{Secret, Settings, TokenOrigin, human_duration};
 use crate::dashboard::{
     DashboardError, Heartbeat, HeartbeatReply, Outcome, Report, ReportReply, ShortReason,
@@ -96,6 +96,7 @@ impl Credentials {
 /// Everything the agent needs at start, gathered by `cli`.
 pub struct Startup {
     pub settings: Arc<Settings>,
+    pub state_dir: PathBuf,
     pub runner: Runner,
     pub credentials: Credentials,
     pub outbox: Outbox,
@@ -113,6 +114,11 @@ struct Running {
     step_started: Instant,
     step_timeout: Option<Duration>,
     cancel: CancellationToken,
+    /// Its switch runs outside the agent; stopping need not wait for it.
+    detached: Option<crate::detach::Detached>,
+    /// Reports are tagged with this journal id once they may be the command's last word
+    /// (after detaching, or when resuming), so a restart never reports twice.
+    journal_id: u64,
 }
 
 /// What we know about the link to the dashboard.
@@ -147,6 +153,7 @@ struct Stopping {
 /// The agent: owns all state; [`Agent::run`] is the main loop.
 pub struct Agent<T: Transport> {
     settings: Arc<Settings>,
+    state_dir: PathBuf,
     transport: T,
     runner: Runner,
     creds: Credentials,
@@ -155,7 +162,7 @@ pub struct Agent<T: Transport> {
     metrics: MetricsSampler,
     outbox: Outbox,
     journal: Journal,
-    queue: VecDeque<Result<Command, String>>,
+    queue: VecDeque<Job>,
     running: Option<Running>,
     link: Link,
     next_heartbeat: Instant,
@@ -167,12 +174,15 @@ pub struct Agent<T: Transport> {
     logged_422: HashSet<String>,
     outage_note: Option<String>,
     stopping: Option<Stopping>,
+    /// The journal entry a `Job::Resume` continues.
+    resume: Option<JournalEntry>,
 }
 
-fn command_label(command: &Result<Command, String>) -> String {
-    match command {
-        Ok(c) => c.name().to_string(),
-        Err(raw) => sanitize_name(raw),
+fn command_label(job: &Job) -> String {
+    match job {
+        Job::Run(Ok(c)) => c.name().to_string(),
+        Job::Run(Err(raw)) => sanitize_name(raw),
+        Job::Resume(_) => "switch (resumed)".into(),
     }
 }
 
@@ -213,6 +223,7 @@ impl<T: Transport> Agent<T> {
         let settings = startup.settings;
         let generation = settings.repo.dir().and_then(read_git_head);
         let mut agent = Agent {
+            state_dir: startup.state_dir,
             transport,
             runner: startup.runner,
             creds: startup.credentials,
@@ -233,6 +244,7 @@ impl<T: Transport> Agent<T> {
             logged_422: HashSet::new(),
             outage_note: None,
             stopping: None,
+            resume: None,
             settings,
         };
         if let Some(left) = startup.interrupted {
@@ -251,14 +263,29 @@ impl<T: Transport> Agent<T> {
             agent.settings.repo,
             crate::config::RepoMode::Isolated { .. }
         ) {
-            agent.queue.push_back(Ok(Command::Setup));
+            agent.queue.push_back(Job::Run(Ok(Command::Setup)));
         }
         agent
     }
 
     /// A command that was running when a previous instance died: report it once, never re-run.
     fn report_interrupted(&mut self, left: JournalEntry) {
-        if !self.outbox.contains_journal(left.id) {
+        if self.outbox.contains_journal(left.id) {
+            // Already reported before the restart; only the journal was not cleared yet.
+            self.journal.settle_previous();
+            return;
+        }
+        if let Some(detached) = left.detached.clone() {
+            tracing::info!(
+                NIXFLEET_COMMAND = %left.command,
+                "command {} left a switch running outside the agent; waiting for its result",
+                left.command
+            );
+            self.resume = Some(left);
+            self.queue.push_front(Job::Resume(detached));
+            return;
+        }
+        {
             let ago = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs())
@@ -383,7 +410,8 @@ impl<T: Transport> Agent<T> {
         let now = Instant::now();
         let stopping = self.stopping.as_mut()?;
         if let Some(running) = &self.running {
-            if now >= stopping.cancel_at && !running.cancel.is_cancelled() {
+            let may_cancel = now >= stopping.cancel_at || running.detached.is_some();
+            if may_cancel && !running.cancel.is_cancelled() {
                 tracing::warn!("{} did not finish in time; stopping it", running.name);
                 running.cancel.cancel();
             }
@@ -408,20 +436,28 @@ impl<T: Transport> Agent<T> {
         if self.running.is_some() || self.stopping.is_some() {
             return;
         }
-        let Some(command) = self.queue.pop_front() else {
+        let Some(job) = self.queue.pop_front() else {
             return;
         };
-        let name = command_label(&command);
+        let name = command_label(&job);
         tracing::info!(NIXFLEET_COMMAND = %name, "running command {name}");
-        self.journal.start(&name);
+        let (journal_id, detached) = match (&job, self.resume.take()) {
+            (Job::Resume(detached), Some(entry)) => {
+                let id = entry.id;
+                self.journal.resume(entry);
+                (id, Some(detached.clone()))
+            }
+            _ => (self.journal.start(&name), None),
+        };
         let cancel = CancellationToken::new();
         let ctx = Context {
+            state_dir: self.state_dir.clone(),
             settings: self.settings.clone(),
             runner: self.runner.clone(),
             events: self.events_tx.clone(),
             cancel: cancel.clone(),
         };
-        tokio::spawn(commands::execute(ctx, command));
+        tokio::spawn(commands::execute(ctx, job));
         let now = Instant::now();
         self.running = Some(Running {
             name,
@@ -430,6 +466,8 @@ impl<T: Transport> Agent<T> {
             step_started: now,
             step_timeout: None,
             cancel,
+            detached,
+            journal_id,
         });
     }
 
@@ -451,10 +489,21 @@ impl<T: Transport> Agent<T> {
             }
             ExecEvent::Report(report) => {
                 tracing::debug!("queued report: {}", describe(&report));
-                self.outbox.push(report, None);
+                let tag = self
+                    .running
+                    .as_ref()
+                    .filter(|r| r.detached.is_some())
+                    .map(|r| r.journal_id);
+                self.outbox.push(report, tag);
+            }
+            ExecEvent::Detached(detached) => {
+                self.journal.detach(detached.clone());
+                if let Some(running) = &mut self.running {
+                    running.detached = Some(detached);
+                }
             }
             ExecEvent::Facts(os) => self.os = os,
-            ExecEvent::Finished { exit } => {
+            ExecEvent::Finished { exit, left_running } => {
                 if let Some(running) = self.running.take() {
                     tracing::info!(
                         NIXFLEET_COMMAND = %running.name,
@@ -464,7 +513,11 @@ impl<T: Transport> Agent<T> {
                         short_duration(running.started.elapsed())
                     );
                 }
-                self.journal.finish();
+                if left_running {
+                    tracing::info!("the detached switch goes on; the next agent start reports it");
+                } else {
+                    self.journal.finish();
+                }
                 self.generation = self.settings.repo.dir().and_then(read_git_head);
                 if let Some(code) = exit
                     && self.stopping.is_none()
@@ -724,7 +777,7 @@ impl<T: Transport> Agent<T> {
     }
 
     fn on_command(&mut self, raw: String) {
-        let command = Command::parse(&raw).ok_or_else(|| raw.clone());
+        let command = Job::Run(Command::parse(&raw).ok_or_else(|| raw.clone()));
         let name = command_label(&command);
         tracing::info!(NIXFLEET_COMMAND = %name, "received command {name}");
         if self.stopping.is_some() {

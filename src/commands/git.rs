@@ -50,8 +50,13 @@ pub(super) async fn setup(ctx: &Context) {
     }
 }
 
+/// Makes `dir` a checkout of `url`. The clone goes to a staging directory next to `dir` and is
+/// renamed into place only once complete, so `dir` is never a half-written checkout (a clone
+/// killed by its timeout or by an agent restart would otherwise leave a `.git` that the next
+/// start reuses), and an old checkout is replaced only by a working new one.
 async fn ensure_clone(ctx: &Context, url: &str, dir: &Path, branch: &str) -> Result<(), String> {
     let timeouts = &ctx.settings.timeouts;
+    let mut replace = false;
     if dir.join(".git").exists() {
         let origin = ctx
             .run(
@@ -66,8 +71,7 @@ async fn ensure_clone(ctx: &Context, url: &str, dir: &Path, branch: &str) -> Res
             dir = %dir.display(),
             "the checkout's origin is not the configured repo_url; cloning it again"
         );
-        std::fs::remove_dir_all(dir)
-            .map_err(|e| format!("cannot remove the old checkout {}: {e}", dir.display()))?;
+        replace = true;
     } else if dir.exists() {
         let empty = std::fs::read_dir(dir)
             .map(|mut d| d.next().is_none())
@@ -79,23 +83,50 @@ async fn ensure_clone(ctx: &Context, url: &str, dir: &Path, branch: &str) -> Res
                 dir.display()
             ));
         }
-        std::fs::remove_dir(dir).map_err(|e| format!("cannot use {}: {e}", dir.display()))?;
     }
     let parent = dir.parent().unwrap_or(Path::new("/"));
     crate::store::ensure_private_dir(parent)
         .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    let name = dir
+        .file_name()
+        .map_or_else(|| "repo".into(), |n| n.to_string_lossy().into_owned());
+    let staging = parent.join(format!(".{name}.nixfleet-clone"));
+    if staging.exists() {
+        // What an earlier, interrupted clone left behind; only ever our own staging name.
+        std::fs::remove_dir_all(&staging).map_err(|e| {
+            format!(
+                "cannot remove an unfinished clone {}: {e}",
+                staging.display()
+            )
+        })?;
+    }
     let clone = ctx
         .run(
             ctx.git(parent, timeouts.git, "git clone")
                 .args(["clone", "--branch", branch, "--single-branch", "--", url])
-                .arg(dir.as_os_str()),
+                .arg(staging.as_os_str()),
         )
         .await;
     if !clone.ok {
+        let _ = std::fs::remove_dir_all(&staging);
         return Err(format!("git clone failed: {}", clone.text));
     }
     use std::os::unix::fs::PermissionsExt as _;
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    let _ = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o700));
+    let cleared = if replace {
+        std::fs::remove_dir_all(dir)
+    } else if dir.exists() {
+        std::fs::remove_dir(dir)
+    } else {
+        Ok(())
+    };
+    if let Err(e) = cleared.and_then(|()| std::fs::rename(&staging, dir)) {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(format!(
+            "cannot move the new clone into {}: {e}",
+            dir.display()
+        ));
+    }
     tracing::info!(dir = %dir.display(), "cloned the config repository");
     Ok(())
 }
@@ -231,7 +262,22 @@ pub(super) async fn pull_reset(ctx: &Context) {
     }
 }
 
-/// Pull for `update`'s recovery path, reporting nothing.
+/// Pull for `update`'s recovery path after a refused push, reporting nothing. Legacy mode
+/// rebases (`git pull --rebase`, as v1 does): the checkout may carry local commits, and a
+/// plain pull of a diverged branch is refused by git >= 2.33 without `pull.rebase` set.
 pub(super) async fn pull_quietly(ctx: &Context, dir: &Path) -> Result<String, String> {
-    pull_in(ctx, dir).await
+    if matches!(ctx.settings.repo, RepoMode::Isolated { .. }) {
+        return pull_in(ctx, dir).await;
+    }
+    let pull = ctx
+        .run(
+            ctx.git(dir, ctx.settings.timeouts.git, "git pull --rebase")
+                .args(["pull", "--rebase"]),
+        )
+        .await;
+    if pull.ok {
+        Ok(pull.text)
+    } else {
+        Err(pull.text)
+    }
 }

@@ -37,11 +37,15 @@ pub enum ExecEvent {
     },
     /// A report to deliver, in order.
     Report(Report),
+    /// The switch now runs outside the agent (see `detach`); record it in the journal.
+    Detached(crate::detach::Detached),
     /// OS facts changed (after a switch): new values for the heartbeat.
     Facts(crate::facts::OsFacts),
     /// The command is over. `exit` asks the agent to exit with that code once its reports are
-    /// delivered (`restart`, a switch that replaced the agent binary).
-    Finished { exit: Option<u8> },
+    /// delivered (`restart`, a switch that replaced the agent binary). `left_running` means the
+    /// agent stopped waiting for a detached switch that goes on: keep its journal entry so the
+    /// next instance reports it.
+    Finished { exit: Option<u8>, left_running: bool },
 }
 
 /// The commands this agent knows. Anything else is reported as unknown.
@@ -94,10 +98,21 @@ pub fn sanitize_name(name: &str) -> String {
         .collect()
 }
 
+/// What the executor is asked to do.
+#[derive(Clone, Debug)]
+pub enum Job {
+    /// A command from the dashboard (or `Err(name)` for an unknown one).
+    Run(Result<Command, String>),
+    /// Report the detached switch a previous agent instance left running.
+    Resume(crate::detach::Detached),
+}
+
 /// Everything a command needs; cheap to clone.
 #[derive(Clone)]
 pub struct Context {
     pub settings: Arc<Settings>,
+    /// Where detached switches leave their results.
+    pub state_dir: PathBuf,
     pub runner: Runner,
     pub events: mpsc::UnboundedSender<ExecEvent>,
     pub cancel: CancellationToken,
@@ -236,8 +251,9 @@ fn join_lines(first: &str, rest: &str) -> String {
 }
 
 /// Makes `output` fit the dashboard: only `\n` and printable ASCII (what it keeps anyway; tabs
-/// become spaces), and at most [`MAX_OUTPUT_CHARS`], keeping the **end**, where nixos-rebuild
-/// prints its error.
+/// become spaces), and at most [`MAX_OUTPUT_CHARS`]. A longer output keeps its **first line**
+/// (what the report is about, e.g. `Switch failed: ...`; the dashboard also derives an error's
+/// comment from it) and its **end**, where nixos-rebuild prints its error.
 pub fn limit_output(output: &str) -> String {
     let cleaned: String = output
         .chars()
@@ -250,17 +266,33 @@ pub fn limit_output(output: &str) -> String {
     if cleaned.len() <= MAX_OUTPUT_CHARS {
         return cleaned;
     }
-    const MARKER: &str = "[... earlier output truncated ...]\n";
+    const MARKER: &str = "\n[... output truncated ...]\n";
+    /// The first line is kept up to this many characters.
+    const MAX_HEAD: usize = 200;
     // All ASCII now, so byte offsets are character boundaries.
-    let keep = MAX_OUTPUT_CHARS - MARKER.len();
-    format!("{MARKER}{}", &cleaned[cleaned.len() - keep..])
+    let head_len = cleaned.find('\n').unwrap_or(cleaned.len()).min(MAX_HEAD);
+    let keep = MAX_OUTPUT_CHARS - head_len - MARKER.len();
+    format!(
+        "{}{MARKER}{}",
+        &cleaned[..head_len],
+        &cleaned[cleaned.len() - keep..]
+    )
 }
 
 /// Runs one command to the end and tells the main loop it finished. Never panics on bad input;
 /// a missing repo or tool becomes an error report.
-pub async fn execute(ctx: Context, command: Result<Command, String>) {
+pub async fn execute(ctx: Context, job: Job) {
     let mut exit = None;
     let mut os_changed = false;
+    let mut left_running = false;
+    let command = match job {
+        Job::Run(command) => command,
+        Job::Resume(detached) => {
+            let result = switch::resume(&ctx, detached).await;
+            finish(&ctx, result.ok, result.exit, result.left_running).await;
+            return;
+        }
+    };
     match command {
         Err(unknown) => {
             ctx.error(&format!("Unknown command: {}", sanitize_name(&unknown)));
@@ -276,28 +308,29 @@ pub async fn execute(ctx: Context, command: Result<Command, String>) {
         Ok(Command::PullReset) => git::pull_reset(&ctx).await,
         Ok(Command::Switch) => {
             let result = switch::switch(&ctx).await;
-            os_changed = result.ok;
-            exit = result.exit;
+            (os_changed, exit, left_running) = (result.ok, result.exit, result.left_running);
         }
         Ok(Command::PullSwitch) => {
             if git::pull(&ctx, "Pull").await {
                 let result = switch::switch(&ctx).await;
-                os_changed = result.ok;
-                exit = result.exit;
+                (os_changed, exit, left_running) = (result.ok, result.exit, result.left_running);
             }
         }
         Ok(Command::Test) => test::run_tests(&ctx).await,
         Ok(Command::Update) => {
             let result = switch::update(&ctx).await;
-            os_changed = result.ok;
-            exit = result.exit;
+            (os_changed, exit, left_running) = (result.ok, result.exit, result.left_running);
         }
     }
+    finish(&ctx, os_changed, exit, left_running).await;
+}
+
+async fn finish(ctx: &Context, os_changed: bool, exit: Option<u8>, left_running: bool) {
     if os_changed {
         let facts = crate::facts::OsFacts::detect(&ctx.runner, &ctx.cancel).await;
         let _ = ctx.events.send(ExecEvent::Facts(facts));
     }
-    let _ = ctx.events.send(ExecEvent::Finished { exit });
+    let _ = ctx.events.send(ExecEvent::Finished { exit, left_running });
 }
 
 /// Where the repository must be for a command, or an error report saying how to configure it.
@@ -331,11 +364,22 @@ mod tests {
 
     #[test]
     fn output_keeps_the_end_and_only_ascii() {
-        let long = format!("{}\nerror: the real failure", "x".repeat(20_000));
+        let long = format!(
+            "Switch failed: building\n{}\nerror: the real failure",
+            "x".repeat(20_000)
+        );
         let limited = limit_output(&long);
         assert_eq!(limited.chars().count(), MAX_OUTPUT_CHARS);
         assert!(limited.ends_with("error: the real failure"));
-        assert!(limited.starts_with("[... earlier output truncated"));
+        assert!(
+            limited.starts_with("Switch failed: building\n[... output truncated ...]\nxxx"),
+            "{}",
+            &limited[..80]
+        );
+        // A first line that is itself huge is cut too.
+        let limited = limit_output(&"y".repeat(30_000));
+        assert_eq!(limited.len(), MAX_OUTPUT_CHARS);
+        assert!(limited.starts_with(&format!("{}\n[... output", "y".repeat(200))));
         assert_eq!(limit_output("ok \u{2705}\tT01\r\n"), "ok  T01\n");
     }
 

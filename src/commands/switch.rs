@@ -7,13 +7,26 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Context, git, require_repo};
+use super::{Context, ExecEvent, git, require_repo};
 use crate::config::{RepoMode, SwitchMode};
+use crate::detach::{self, Detached, Isolation};
 use crate::exec::Cmd;
 
 pub(super) struct SwitchResult {
     pub ok: bool,
     pub exit: Option<u8>,
+    /// The agent stopped waiting; the detached switch goes on (agent shutting down).
+    pub left_running: bool,
+}
+
+impl SwitchResult {
+    fn failed() -> Self {
+        SwitchResult {
+            ok: false,
+            exit: None,
+            left_running: false,
+        }
+    }
 }
 
 /// The switch tool for this host.
@@ -90,28 +103,146 @@ pub(super) fn switch_command(ctx: &Context, dir: &Path) -> Cmd {
     }
 }
 
-/// Runs the switch and reports `Switch: ...` / `Switch failed: ...`.
+/// Runs the switch and reports `Switch: ...` / `Switch failed: ...`. The switch itself runs
+/// outside the agent where possible (see `crate::detach`).
 pub(super) async fn switch(ctx: &Context) -> SwitchResult {
     let Some(dir) = require_repo(ctx, "Switch") else {
-        return SwitchResult {
-            ok: false,
-            exit: None,
-        };
+        return SwitchResult::failed();
     };
-    let before = own_executable();
-    let result = ctx.run(switch_command(ctx, &dir)).await;
-    if result.ok {
-        ctx.ok(&format!("Switch: {}", result.text));
-        let exit = binary_replaced(before.as_deref()).then(|| {
-            tracing::info!("the switch installed a new agent binary; restarting into it");
-            crate::exit::RESTART_NEW_BINARY
-        });
-        SwitchResult { ok: true, exit }
-    } else {
-        ctx.error(&format!("Switch failed: {}", result.text));
-        SwitchResult {
-            ok: false,
-            exit: None,
+    if let Err(message) = wait_for_other_switch(ctx).await {
+        ctx.error(&format!("Switch failed: {message}"));
+        return SwitchResult::failed();
+    }
+    let cmd = switch_command(ctx, &dir);
+    match detach::resolve(&ctx.settings, &ctx.runner) {
+        Isolation::InProcess => {
+            tracing::info!("switch runs inside the agent (no systemd-run or session isolation)");
+            let result = ctx.run(cmd).await;
+            if result.ok {
+                report_success(ctx, &result.text)
+            } else {
+                ctx.error(&format!("Switch failed: {}", result.text));
+                SwitchResult::failed()
+            }
+        }
+        isolation => {
+            ctx.step("Switch", Some(cmd.timeout));
+            match detach::launch(
+                &ctx.runner,
+                &ctx.settings,
+                &ctx.state_dir,
+                isolation,
+                &cmd,
+                &ctx.cancel,
+            )
+            .await
+            {
+                Ok(detached) => {
+                    let _ = ctx.events.send(ExecEvent::Detached(detached.clone()));
+                    await_detached(ctx, &detached).await
+                }
+                Err(message) => {
+                    ctx.error(&format!("Switch failed: {message}"));
+                    SwitchResult::failed()
+                }
+            }
+        }
+    }
+}
+
+/// A previous agent instance left a detached switch running: wait for it and report it.
+pub(super) async fn resume(ctx: &Context, detached: Detached) -> SwitchResult {
+    tracing::info!(
+        result = %detached.result_file.display(),
+        "resuming a switch a previous agent instance left running"
+    );
+    ctx.step("Switch", None);
+    await_detached(ctx, &detached).await
+}
+
+async fn await_detached(ctx: &Context, detached: &Detached) -> SwitchResult {
+    match detach::wait(&ctx.runner, detached, &ctx.cancel).await {
+        detach::Waited::Done(result) => {
+            let _ = std::fs::remove_file(&detached.result_file);
+            let output = result.output.trim_end();
+            if result.exit_code == 0 {
+                report_success(ctx, output)
+            } else {
+                let why = if let Some(secs) = result.timed_out_after_secs {
+                    format!("Switch timed out after {secs}s\n{output}")
+                } else if result.interrupted {
+                    format!("Switch was stopped before it finished\n{output}")
+                } else {
+                    output.to_string()
+                };
+                ctx.error(&format!("Switch failed: {}", why.trim_end()));
+                SwitchResult::failed()
+            }
+        }
+        detach::Waited::Cancelled => {
+            tracing::info!("agent stopping; the switch goes on and the next start reports it");
+            SwitchResult {
+                ok: false,
+                exit: None,
+                left_running: true,
+            }
+        }
+        detach::Waited::Lost(reason) => {
+            ctx.error(&format!("Switch failed: {reason}"));
+            SwitchResult::failed()
+        }
+    }
+}
+
+fn report_success(ctx: &Context, text: &str) -> SwitchResult {
+    ctx.ok(&format!("Switch: {text}"));
+    let exit = binary_replaced(own_executable().as_deref()).then(|| {
+        tracing::info!("the switch installed a new agent binary; restarting into it");
+        crate::exit::RESTART_NEW_BINARY
+    });
+    SwitchResult {
+        ok: true,
+        exit,
+        left_running: false,
+    }
+}
+
+/// Waits while another switch (a manual `nixos-rebuild switch`) holds its lock, bounded by the
+/// switch timeout. The lock is only probed, never held: holding it would block that switch.
+async fn wait_for_other_switch(ctx: &Context) -> Result<(), String> {
+    let path = &ctx.settings.switch_lock;
+    let deadline = std::time::Instant::now() + ctx.settings.timeouts.switch;
+    let mut announced = false;
+    loop {
+        let Ok(file) = std::fs::File::open(path) else {
+            return Ok(());
+        };
+        match file.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(e)) => {
+                tracing::warn!(lock = %path.display(), "cannot probe the switch lock: {e}");
+                return Ok(());
+            }
+        }
+        drop(file);
+        if !announced {
+            announced = true;
+            tracing::info!(lock = %path.display(), "another switch is running; waiting for it");
+            ctx.step("waiting for another switch to finish", Some(ctx.settings.timeouts.switch));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "another switch is running (it holds {}) and did not finish within {}",
+                path.display(),
+                crate::config::human_duration(ctx.settings.timeouts.switch)
+            ));
+        }
+        tokio::select! {
+            () = ctx.cancel.cancelled() => {
+                return Err("interrupted while waiting for another switch: the agent is shutting down".into());
+            }
+            () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
         }
     }
 }
@@ -142,10 +273,7 @@ fn binary_replaced(running: Option<&Path>) -> bool {
 /// `update`: `nix flake update nixfleet`, commit and push `flake.lock`, then switch. In
 /// isolated https mode without an SSH key (no push access) it is pull + switch, as in v1.
 pub(super) async fn update(ctx: &Context) -> SwitchResult {
-    let failed = SwitchResult {
-        ok: false,
-        exit: None,
-    };
+    let failed = SwitchResult::failed();
     if let RepoMode::Isolated { url, .. } = &ctx.settings.repo
         && url.starts_with("https://")
         && ctx.settings.ssh_key.is_none()
@@ -153,7 +281,7 @@ pub(super) async fn update(ctx: &Context) -> SwitchResult {
         if git::pull(ctx, "Update").await {
             return switch(ctx).await;
         }
-        return failed;
+        return SwitchResult::failed();
     }
     let Some(dir) = require_repo(ctx, "Update") else {
         return failed;
@@ -182,6 +310,7 @@ pub(super) async fn update(ctx: &Context) -> SwitchResult {
         return SwitchResult {
             ok: true,
             exit: None,
+            left_running: false,
         };
     }
     let identity = format!("user.email=nixfleet-agent@{}", ctx.host());
@@ -245,11 +374,17 @@ pub(super) async fn update(ctx: &Context) -> SwitchResult {
             }
         }
         let pulled = git::pull_quietly(ctx, &dir).await;
-        note = format!(
-            "push failed ({}); undid the local commit and pulled{}; ",
-            first_line(&push.text),
-            if pulled.is_ok() { "" } else { " (pull failed)" }
-        );
+        note = match pulled {
+            Ok(_) => format!(
+                "push failed ({}); undid the local commit and pulled; ",
+                first_line(&push.text)
+            ),
+            Err(why) => format!(
+                "push failed ({}); undid the local commit; the pull failed too ({}); ",
+                first_line(&push.text),
+                first_line(&why)
+            ),
+        };
     }
     ctx.ok(&format!("Update: {note}Rebuilding..."));
     switch(ctx).await

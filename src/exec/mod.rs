@@ -332,6 +332,68 @@ impl Runner {
         })
     }
 
+    /// Where `program` would be found on the children's PATH, if anywhere.
+    pub fn find_program(&self, program: &str) -> Option<PathBuf> {
+        resolve_program(
+            OsStr::new(program),
+            Path::new("/"),
+            env::effective_path(&self.env, &[]),
+        )
+        .ok()
+        .filter(|p| p.is_file())
+    }
+
+    /// The allowlisted environment children get (no secrets by construction), for handing
+    /// to a process that does not inherit ours (a `systemd-run` transient unit).
+    pub fn child_env(&self) -> impl Iterator<Item = (&OsStr, &OsStr)> {
+        self.env.iter().map(|(k, v)| (k.as_os_str(), v.as_os_str()))
+    }
+
+    /// Starts `cmd` in a new session, detached from the agent: no timeout, no capture (stdio
+    /// is /dev/null), and it survives the agent being killed. Used for the switch wrapper on
+    /// hosts without systemd, which enforces its own timeout and writes its own result. A
+    /// thread reaps it if it ends while the agent lives. Returns its pid.
+    pub fn spawn_detached(&self, cmd: &Cmd) -> Result<u32, SpawnError> {
+        let io_err = |source| SpawnError::Io {
+            program: cmd.program.to_string_lossy().into_owned(),
+            source,
+        };
+        let extra: Vec<(OsString, OsString)> = cmd
+            .env
+            .iter()
+            .filter(|(key, _)| !env::is_denied(key))
+            .cloned()
+            .collect();
+        let program = resolve_program(
+            &cmd.program,
+            &cmd.cwd,
+            env::effective_path(&self.env, &extra),
+        )?;
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "this is exec::Runner, the one place allowed to create a Command"
+        )]
+        let mut command = std::process::Command::new(&program);
+        command
+            .args(&cmd.args)
+            .current_dir(&cmd.cwd)
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(extra.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        sys::detach(&mut command);
+        let mut child = command.spawn().map_err(io_err)?;
+        let pid = child.id();
+        let _ = std::thread::Builder::new()
+            .name("detached-reaper".into())
+            .spawn(move || {
+                let _ = child.wait();
+            });
+        Ok(pid)
+    }
+
     /// SIGTERM to the group, wait `kill_grace` for the leader, SIGKILL to the group, wait for
     /// the reaper. Output keeps being captured meanwhile (the last lines say why it hung).
     async fn terminate(

@@ -35,6 +35,20 @@ pub(super) fn configure(command: &mut Command, argv0: &OsStr) {
     command.process_group(0).arg0(argv0);
 }
 
+/// Makes the child the leader of a new session (and process group), so neither the agent's
+/// death nor its supervisor's group kill reaches it.
+pub(super) fn detach(command: &mut Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: setsid(2) is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
 /// Whether `exec` could run this file: a regular file with an execute bit set.
 pub(super) fn is_executable(meta: &Metadata) -> bool {
     meta.is_file() && meta.permissions().mode() & 0o111 != 0

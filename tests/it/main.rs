@@ -3,19 +3,30 @@
 //!
 //! Index:
 //! - `support`: the harness (fake dashboard, agent process, git repos, stand-in tools).
+//! - `commands`: issue 3's command set with real git and processes: switch argv per mode and
+//!   its cwd, failure and timeout reports (whole tree killed, heartbeats go on), pull-switch,
+//!   git pull timeout, pull-reset, the test runner's progress and TIMEOUT, update (commit, push,
+//!   refused push undone), the child environment allowlist, missing tools, a 50 MiB flood,
+//!   invalid UTF-8.
 //! - `core`: registration fields, the start report, command delivery and reports, config
 //!   errors (exit 78), `restart`, unknown commands, SIGTERM.
 //! - `tokens`: per-host token migration used at once and persisted 0600, fallback from a
 //!   refused cached token, 401 back-off naming the token source.
 //! - `resilience`: dashboard down then up, hanging, garbage and oversized replies, 500, 422,
 //!   heartbeats during a long command, commands queued while busy, TLS with CA file and pin.
+//! - `supervisor`: sd-notify over path and abstract sockets (READY after the lock, STATUS,
+//!   WATCHDOG stopping under SIGSTOP and a wedged loop, WATCHDOG_PID, STOPPING), stall exit 70,
+//!   the instance lock (refusal 75, release after kill -9, verified takeover, unrelated holders
+//!   never signalled), exit 73 without a directory, timestamped logs outside journald.
 
 #![allow(
     clippy::disallowed_methods,
     reason = "tests drive real processes directly to observe the agent from outside"
 )]
 
+mod commands;
 mod core;
 mod resilience;
 mod support;
+mod supervisor;
 mod tokens;

@@ -412,3 +412,24 @@ impl FakeDashboard {
         self.inner.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handle_can_move_between_threads_and_tasks() {
+        fn assert_send_sync<T: Send + Sync + 'static>() {}
+        assert_send_sync::<FakeDashboard>();
+        assert_send_sync::<Options>();
+        assert_send_sync::<RecordedRequest>();
+    }
+
+    #[test]
+    fn defaults_match_the_dashboard_defaults() {
+        let o = Options::default();
+        assert_eq!(o.shared_token.as_deref(), Some("shared-secret-token"));
+        assert!(o.allow_shared && o.provision_tokens && !o.tls && !o.rate_limit);
+        assert_eq!(o.port, 0);
+    }
+}

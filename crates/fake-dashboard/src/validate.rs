@@ -30,9 +30,17 @@ pub struct ValidationError {
     pub ctx: Option<Value>,
 }
 
-/// The JSON body FastAPI answers a validation failure with.
-pub fn detail_body(errors: &[ValidationError]) -> Value {
-    json!({ "detail": errors })
+/// The JSON body FastAPI answers a validation failure with (a struct, so that the keys keep
+/// pydantic's order: `type, loc, msg, input, ctx`).
+#[derive(Debug, Serialize)]
+pub struct DetailBody<'a> {
+    /// The errors, in model field order.
+    pub detail: &'a [ValidationError],
+}
+
+/// Wraps `errors` as `{"detail":[...]}`.
+pub fn detail_body(errors: &[ValidationError]) -> DetailBody<'_> {
+    DetailBody { detail: errors }
 }
 
 /// A validated `HostRegistration` (§3.1), with pydantic defaults applied.

@@ -19,6 +19,9 @@ fn invalid_body_is_422_with_pydantic_detail_even_without_auth() {
     .unwrap();
     assert_eq!(r.status, 422);
     assert_eq!(r.header("content-type"), Some("application/json"));
+    assert!(r.text().starts_with(
+        r#"{"detail":[{"type":"string_pattern_mismatch","loc":["body","host_type"],"msg":"#
+    ));
     let detail = r.json()["detail"].as_array().unwrap().clone();
     assert_eq!(detail.len(), 2);
     assert_eq!(detail[0]["type"], "string_pattern_mismatch");

@@ -1,0 +1,349 @@
+//! Running the switch outside the agent's process tree, so that no agent death (kill -9, OOM,
+//! the watchdog, `systemctl restart`, the activation restarting the agent) can kill a half-done
+//! switch, and whichever agent instance is running when it ends reports it, once.
+//!
+//! The switch runs under the agent binary acting as a small wrapper
+//! (`nixfleet-agent switch-wrapper`), which enforces the switch timeout with the same runner as
+//! everything else and writes the exit status and output tail to a result file in the state
+//! directory. How the wrapper is started:
+//! - `systemd-run`: a transient unit with `RuntimeMaxSec` as a backstop, collected after it
+//!   ends (systemd hosts, agent running as root);
+//! - `session`: a new session detached from the agent (macOS, where launchd would otherwise
+//!   kill the job's process group);
+//! - in-process: the fallback when neither is available; the log says which one was used.
+//!
+//! This module owns the result file format (versioned JSON) and the waiting; it knows nothing
+//! about the dashboard.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Settings, SwitchIsolation};
+use crate::exec::{Cmd, Exit, Runner};
+
+/// Most output a result file keeps (the end of it, where the error is).
+const RESULT_OUTPUT_MAX: usize = 64 * 1024;
+/// How often the waiting agent looks for the result file.
+const POLL: Duration = Duration::from_millis(250);
+/// How often it also checks that the switch is still alive.
+const LIVENESS_EVERY: Duration = Duration::from_secs(5);
+
+/// How a switch is isolated from the agent, resolved for this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isolation {
+    SystemdRun,
+    Session,
+    InProcess,
+}
+
+/// A switch running outside the agent, as recorded in the command journal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Detached {
+    /// The transient unit (systemd-run), if any.
+    pub unit: Option<String>,
+    /// The wrapper's pid (session mode), if known.
+    pub pid: Option<u32>,
+    pub result_file: PathBuf,
+    /// After this (unix seconds) a switch with no result is given up as lost.
+    pub deadline_unix: u64,
+}
+
+/// What the wrapper writes when the switch ends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchResultFile {
+    pub version: u32,
+    pub exit_code: i32,
+    pub timed_out_after_secs: Option<u64>,
+    /// Set when the wrapper itself was stopped (the unit was stopped or hit RuntimeMaxSec).
+    pub interrupted: bool,
+    pub output: String,
+    pub finished_unix: u64,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Picks the isolation for this host from the setting.
+pub fn resolve(settings: &Settings, runner: &Runner) -> Isolation {
+    match settings.switch_isolation {
+        SwitchIsolation::SystemdRun => Isolation::SystemdRun,
+        SwitchIsolation::Session => Isolation::Session,
+        SwitchIsolation::None => Isolation::InProcess,
+        SwitchIsolation::Auto => {
+            if cfg!(target_os = "macos") {
+                Isolation::Session
+            } else if Path::new("/run/systemd/system").is_dir()
+                && nix::unistd::geteuid().is_root()
+                && runner.find_program("systemd-run").is_some()
+            {
+                Isolation::SystemdRun
+            } else {
+                Isolation::InProcess
+            }
+        }
+    }
+}
+
+/// The wrapper's own argv (after the agent binary): run `switch` under the switch timeout
+/// and write `result`.
+fn wrapper_args(result: &Path, timeout: Duration, grace: Duration) -> Vec<String> {
+    vec![
+        "switch-wrapper".into(),
+        "--result".into(),
+        result.display().to_string(),
+        "--timeout-ms".into(),
+        timeout.as_millis().to_string(),
+        "--kill-grace-ms".into(),
+        grace.as_millis().to_string(),
+        "--".into(),
+    ]
+}
+
+/// Starts `switch` outside the agent. `id` makes the unit and file names unique.
+pub async fn launch(
+    runner: &Runner,
+    settings: &Settings,
+    state_dir: &Path,
+    isolation: Isolation,
+    switch: &Cmd,
+    cancel: &CancellationToken,
+) -> Result<Detached, String> {
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find the agent's own executable: {e}"))?;
+    let id = format!("{}-{}", now_unix(), std::process::id());
+    let results = state_dir.join("switch");
+    crate::store::ensure_private_dir(&results)
+        .map_err(|e| format!("cannot create {}: {e}", results.display()))?;
+    let result_file = results.join(format!("{id}.json"));
+    let timeouts = &settings.timeouts;
+    let mut inner: Vec<std::ffi::OsString> = wrapper_args(&result_file, switch.timeout, timeouts.kill_grace)
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    inner.push(switch.program.clone());
+    inner.extend(switch.args.iter().cloned());
+    // Past this, the result is given up as lost.
+    let deadline_unix =
+        now_unix() + switch.timeout.as_secs() + timeouts.kill_grace.as_secs() + 60;
+    match isolation {
+        Isolation::SystemdRun => {
+            let unit = format!("nixfleet-switch-{id}");
+            let backstop = switch.timeout + timeouts.kill_grace + Duration::from_secs(30);
+            let mut cmd = Cmd::new("systemd-run", &switch.cwd, timeouts.git_local, "systemd-run")
+                .arg(format!("--unit={unit}"))
+                .args(["--collect", "--quiet", "--service-type=exec"])
+                .arg(format!("--property=RuntimeMaxSec={}", backstop.as_secs()))
+                .arg(format!("--working-directory={}", switch.cwd.display()));
+            for (key, value) in runner.child_env() {
+                let mut pair = std::ffi::OsString::from("--setenv=");
+                pair.push(key);
+                pair.push("=");
+                pair.push(value);
+                cmd = cmd.arg(pair);
+            }
+            cmd = cmd.arg("--").arg(exe.as_os_str()).args(inner);
+            let outcome = runner
+                .run(cmd, cancel)
+                .await
+                .map_err(|e| format!("cannot start the switch unit: {e}"))?;
+            if !outcome.success() {
+                return Err(format!(
+                    "systemd-run failed (exit code {}): {}",
+                    outcome.exit_code(),
+                    outcome.output.trim()
+                ));
+            }
+            tracing::info!(unit = %unit, "switch runs in transient unit {unit} (systemd-run)");
+            Ok(Detached {
+                unit: Some(unit),
+                pid: None,
+                result_file,
+                deadline_unix,
+            })
+        }
+        Isolation::Session => {
+            let cmd = Cmd::new(exe.as_os_str(), &switch.cwd, switch.timeout, "switch-wrapper")
+                .args(inner);
+            let pid = runner
+                .spawn_detached(&cmd)
+                .map_err(|e| format!("cannot start the switch wrapper: {e}"))?;
+            tracing::info!(pid, "switch runs in its own session (pid {pid}), detached from the agent");
+            Ok(Detached {
+                unit: None,
+                pid: Some(pid),
+                result_file,
+                deadline_unix,
+            })
+        }
+        Isolation::InProcess => Err("in-process switches are not detached".into()),
+    }
+}
+
+/// How waiting for a detached switch ended.
+pub enum Waited {
+    Done(SwitchResultFile),
+    /// The agent is stopping; the switch goes on and the next instance reports it.
+    Cancelled,
+    /// The switch is gone without a result, or the deadline passed.
+    Lost(String),
+}
+
+/// Reads a result file; `None` while it does not exist yet.
+pub fn read_result(path: &Path) -> Option<Result<SwitchResultFile, String>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Some(
+            serde_json::from_slice::<SwitchResultFile>(&bytes)
+                .map_err(|e| format!("unreadable switch result {}: {e}", path.display())),
+        ),
+        Err(_) => None,
+    }
+}
+
+/// Waits for the result of `detached`, checking now and then that the switch still runs.
+pub async fn wait(runner: &Runner, detached: &Detached, cancel: &CancellationToken) -> Waited {
+    let mut since_liveness = Duration::ZERO;
+    loop {
+        if let Some(result) = read_result(&detached.result_file) {
+            return match result {
+                Ok(r) => Waited::Done(r),
+                Err(e) => Waited::Lost(e),
+            };
+        }
+        if now_unix() > detached.deadline_unix {
+            return Waited::Lost("no result before the switch deadline".into());
+        }
+        if since_liveness >= LIVENESS_EVERY {
+            since_liveness = Duration::ZERO;
+            if let Some(gone) = gone_reason(runner, detached, cancel).await {
+                // It may have written the file just before ending.
+                if let Some(Ok(r)) = read_result(&detached.result_file) {
+                    return Waited::Done(r);
+                }
+                return Waited::Lost(gone);
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Waited::Cancelled,
+            () = tokio::time::sleep(POLL) => since_liveness += POLL,
+        }
+    }
+}
+
+/// `Some(reason)` when the detached switch is no longer running.
+async fn gone_reason(
+    runner: &Runner,
+    detached: &Detached,
+    cancel: &CancellationToken,
+) -> Option<String> {
+    if let Some(unit) = &detached.unit {
+        let cmd = Cmd::new("systemctl", "/", Duration::from_secs(10), "systemctl show")
+            .args(["show", "--property=ActiveState,Result", "--value", unit]);
+        let outcome = runner.run(cmd, cancel).await.ok()?;
+        let text = outcome.output.split_whitespace().collect::<Vec<_>>().join(" ");
+        return match text.split(' ').next() {
+            Some("active" | "activating" | "deactivating" | "reloading") => None,
+            _ => Some(format!("the switch unit {unit} ended without a result ({text})")),
+        };
+    }
+    if let Some(pid) = detached.pid {
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok();
+        // A zombie (our own unreaped child) counts as gone; the reaper thread handles it.
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+            .unwrap_or(false);
+        if !alive || zombie {
+            return Some(format!("the switch wrapper (pid {pid}) ended without a result"));
+        }
+    }
+    None
+}
+
+/// `nixfleet-agent switch-wrapper`: runs the switch with its timeout, writes the result file,
+/// exits with the switch's exit code. Stopping the wrapper (SIGTERM) stops the switch's whole
+/// process tree and still writes a result.
+pub fn run_wrapper(result: &Path, timeout: Duration, grace: Duration, argv: &[String]) -> u8 {
+    let Some((program, args)) = argv.split_first() else {
+        eprintln!("switch-wrapper: no command given");
+        return crate::exit::CONFIG;
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("switch-wrapper: cannot start the runtime: {e}");
+            return crate::exit::FAILURE;
+        }
+    };
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let outcome = runtime.block_on(async {
+        let cancel = CancellationToken::new();
+        let on_term = cancel.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let Ok(mut term) = signal(SignalKind::terminate()) {
+                term.recv().await;
+                on_term.cancel();
+            }
+        });
+        let cmd = Cmd::new(program, &cwd, timeout, "Switch").args(args);
+        Runner::new(grace).run(cmd, &cancel).await
+    });
+    let file = match outcome {
+        Ok(outcome) => {
+            let output = outcome.output;
+            let tail_start = output.len().saturating_sub(RESULT_OUTPUT_MAX);
+            let tail_start = (tail_start..=output.len())
+                .find(|i| output.is_char_boundary(*i))
+                .unwrap_or(output.len());
+            SwitchResultFile {
+                version: 1,
+                exit_code: outcome.exit.clone().pipe_code(),
+                timed_out_after_secs: match outcome.exit {
+                    Exit::TimedOut { after } => Some(after.as_secs()),
+                    _ => None,
+                },
+                interrupted: outcome.exit == Exit::Cancelled,
+                output: output[tail_start..].to_string(),
+                finished_unix: now_unix(),
+            }
+        }
+        Err(e) => SwitchResultFile {
+            version: 1,
+            exit_code: 127,
+            timed_out_after_secs: None,
+            interrupted: false,
+            output: e.to_string(),
+            finished_unix: now_unix(),
+        },
+    };
+    let bytes = serde_json::to_vec(&file).expect("result serializes");
+    if let Err(e) = crate::store::write_atomic(result, &bytes) {
+        eprintln!("switch-wrapper: cannot write {}: {e}", result.display());
+        return crate::exit::FAILURE;
+    }
+    u8::try_from(file.exit_code).unwrap_or(crate::exit::FAILURE)
+}
+
+trait PipeCode {
+    fn pipe_code(self) -> i32;
+}
+
+impl PipeCode for Exit {
+    /// The exit code as a shell shows it (124 for a timeout, like `timeout(1)`).
+    fn pipe_code(self) -> i32 {
+        match self {
+            Exit::Code(c) => c,
+            Exit::Signal(s) => 128 + s,
+            Exit::TimedOut { .. } => 124,
+            Exit::Cancelled => 143,
+        }
+    }
+}

@@ -1,0 +1,321 @@
+#!/usr/bin/env bash
+# The shipped unit (units/nixfleet-agent.service), installed unchanged but for the binary path,
+# running the real agent binary under a real systemd (PID 1 in systemd-nspawn, see ct.sh), with
+# the fake dashboard in the same container. One line per check, then "N passed, M failed".
+#
+# Usage (root):  cargo build --workspace && tests/systemd/run.sh
+# Env:  NIXFLEET_BIN_DIR   where nixfleet-agent and fake-dashboard are (default target/debug,
+#                          or $CARGO_TARGET_DIR/debug)
+#       KEEP_LOGS=1        keep the work folder (journal dumps) even when everything passed
+# Needs: systemd-nspawn (Debian: systemd-container), curl. Installs nothing. About 40 s.
+set -uo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+bin_dir=${NIXFLEET_BIN_DIR:-${CARGO_TARGET_DIR:-$repo/target}/debug}
+unit_src=$repo/units/nixfleet-agent.service
+unit=nixfleet-agent.service
+T0=$(date +%s.%N)
+
+command -v systemd-nspawn >/dev/null || {
+  echo "FAIL setup: systemd-nspawn is missing (Debian: apt-get install --no-install-recommends systemd-container)" >&2
+  exit 2; }
+for tool in nsenter curl timeout pgrep; do
+  command -v "$tool" >/dev/null || { echo "FAIL setup: $tool is missing" >&2; exit 2; }
+done
+[ "$(id -u)" = 0 ] || { echo "FAIL setup: must run as root (systemd-nspawn)" >&2; exit 2; }
+for b in nixfleet-agent fake-dashboard; do
+  [ -x "$bin_dir/$b" ] || {
+    echo "FAIL setup: $bin_dir/$b not found: run 'cargo build --workspace' first" >&2; exit 2; }
+done
+[ -f "$unit_src" ] || { echo "FAIL setup: $unit_src not found" >&2; exit 2; }
+
+. "$here/ct.sh"
+
+work=$(mktemp -d /tmp/nixfleet-systemd.XXXXXX)
+CT_LOG=$work/nspawn.log
+passed=0 failed=0
+
+elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
+pass() { passed=$((passed + 1)); echo "PASS $1${2:+ ($2)}"; }
+fail() { failed=$((failed + 1)); echo "FAIL $1: $2"; }
+
+# wait_until SECONDS CMD...: polls CMD every 0.2 s until it succeeds; false after SECONDS.
+wait_until() {
+  local deadline
+  deadline=$(awk -v t="$1" -v n="$(date +%s.%N)" 'BEGIN{printf "%.3f", n+t}'); shift
+  while :; do
+    "$@" >/dev/null 2>&1 && return 0
+    awk -v d="$deadline" -v n="$(date +%s.%N)" 'BEGIN{exit !(n>=d)}' && return 1
+    sleep 0.2
+  done
+}
+
+prop() { ct systemctl show -P "$1" "$unit" 2>/dev/null; }
+journal() { ct journalctl -b -u "$unit" --no-pager -o cat "$@" 2>/dev/null; }
+control() { # control METHOD PATH [JSON]: the fake dashboard's control API (inside the container)
+  ct curl -sS --max-time 5 -X "$1" ${3:+-H 'Content-Type: application/json' --data "$3"} \
+    "http://127.0.0.1:8001$2"
+}
+is_active_with_new_pid() { # OLD_PID
+  local pid
+  [ "$(prop ActiveState)" = active ] && [ "$(prop SubState)" = running ] &&
+    pid=$(prop MainPID) && [ "$pid" != 0 ] && [ "$pid" != "$1" ]
+}
+nrestarts_above() { [ "$(prop NRestarts)" -gt "$1" ]; }
+journal_has() { journal | grep -qF -- "$1"; }
+usec_to_s() { # systemd's "45s", "1min 30s", "3s", "500ms" -> seconds
+  awk '{t=0; for(i=1;i<=NF;i++){v=$i; if(v~/ms$/){sub(/ms$/,"",v);t+=v/1000}
+        else if(v~/min$/){sub(/min$/,"",v);t+=v*60} else if(v~/h$/){sub(/h$/,"",v);t+=v*3600}
+        else if(v~/us$/){sub(/us$/,"",v);t+=v/1e6} else {sub(/s$/,"",v);t+=v}}; print t}' <<<"$1"
+}
+
+cleanup() {
+  local rc=$?
+  if [ -n "$CT_NSPAWN_PID" ] && [ -n "$CT_LEADER" ] && { [ "$failed" -gt 0 ] || [ "$rc" != 0 ]; }; then
+    CT_TIMEOUT=10 ct journalctl -b --no-pager -o short-monotonic > "$work/journal.txt" 2>&1
+    CT_TIMEOUT=10 ct journalctl -b --no-pager -o json -u "$unit" > "$work/agent-journal.json" 2>&1
+    CT_TIMEOUT=10 ct journalctl -b --no-pager -u fake-dashboard -o cat > "$work/fake-dashboard.txt" 2>&1
+    echo "--- last journal lines (full dumps in $work) ---"
+    tail -n 40 "$work/journal.txt"
+  fi
+  ct_stop
+  if [ "$failed" -eq 0 ] && [ "$rc" = 0 ] && [ -z "${KEEP_LOGS:-}" ]; then rm -rf "$work"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+setup_fail() { echo "FAIL setup: $*"; failed=$((failed + 1)); echo "$passed passed, $failed failed"; exit 1; }
+
+# ---- boot ------------------------------------------------------------------------------------
+ct_boot "nfci-$$" \
+  --bind-ro="$bin_dir/nixfleet-agent:/opt/ci/nixfleet-agent" \
+  --bind-ro="$bin_dir/fake-dashboard:/opt/ci/fake-dashboard" \
+  || setup_fail "container did not boot (see $CT_LOG)"
+echo "booted systemd in the container in $(elapsed "$T0") s"
+
+# ---- fake dashboard --------------------------------------------------------------------------
+ct systemd-run --quiet --unit fake-dashboard -p Type=exec \
+  /opt/ci/fake-dashboard --port 8000 --control-port 8001 \
+  || setup_fail "systemd-run fake-dashboard failed"
+port_open() { ct bash -c "exec 3<>/dev/tcp/127.0.0.1/$1"; }
+wait_until 15 port_open 8000 && wait_until 5 port_open 8001 \
+  || setup_fail "fake dashboard not listening on 8000/8001 after 15 s: $(ct journalctl -u fake-dashboard --no-pager -o cat | tail -5)"
+
+# ---- the agent's configuration repository and settings ---------------------------------------
+ct sh -ec '
+  export HOME=/root GIT_CONFIG_NOSYSTEM=1
+  mkdir -p /root /var/lib/ci
+  git init -q --bare /var/lib/ci/origin.git
+  git clone -q /var/lib/ci/origin.git /var/lib/ci/nixcfg 2>/dev/null
+  cd /var/lib/ci/nixcfg
+  echo "{ }" > flake.nix
+  git add flake.nix
+  git -c user.name=ci -c user.email=ci@localhost commit -qm init
+  git push -q -u origin HEAD
+' > "$work/git-setup.log" 2>&1 || setup_fail "git repo setup failed: $(cat "$work/git-setup.log")"
+
+# The shipped unit, unchanged but for the binary path. The credential source
+# (/etc/nixfleet-agent/token) and the EnvironmentFile are written at their shipped paths: /etc is
+# the container's own tmpfs.
+sed 's|^ExecStart=/usr/local/bin/nixfleet-agent|ExecStart=/opt/ci/nixfleet-agent|' "$unit_src" > "$work/$unit"
+grep -q '^ExecStart=/opt/ci/nixfleet-agent' "$work/$unit" \
+  || setup_fail "could not rewrite ExecStart= in $unit_src (expected ExecStart=/usr/local/bin/nixfleet-agent ...)"
+ct mkdir -p /etc/systemd/system/$unit.d /etc/nixfleet-agent
+ct sh -c "cat > /etc/systemd/system/$unit" < "$work/$unit"
+ct sh -c 'umask 077; cat > /etc/nixfleet-agent/token' <<<"shared-secret-token"
+ct sh -c 'cat > /etc/nixfleet-agent/env' <<'EOF'
+NIXFLEET_URL=http://127.0.0.1:8000
+NIXFLEET_ALLOW_INSECURE_HTTP=1
+NIXFLEET_HOSTNAME=cthost
+NIXFLEET_NIXCFG=/var/lib/ci/nixcfg
+EOF
+# Interval here (not in the env file, which would win over Environment=) so that check 10 can
+# override it with a later drop-in. A short watchdog so the SIGSTOP check is quick.
+ct sh -c "cat > /etc/systemd/system/$unit.d/10-ci.conf" <<'EOF'
+[Service]
+Environment=NIXFLEET_INTERVAL=2
+WatchdogSec=3
+EOF
+ct systemctl daemon-reload || setup_fail "daemon-reload failed"
+
+# ---- 1. systemd-analyze verify ---------------------------------------------------------------
+out=$(ct systemd-analyze verify --man=no "/etc/systemd/system/$unit" 2>&1); rc=$?
+if [ $rc -ne 0 ] || [ -n "$out" ]; then
+  fail verify "systemd-analyze verify (exit $rc) printed: $out"
+else
+  pass verify "no output"
+fi
+
+# ---- 2. start returns only after READY=1 -----------------------------------------------------
+t0=$(date +%s.%N)
+out=$(ct systemctl start "$unit" 2>&1); rc=$?
+start_s=$(elapsed "$t0")
+state=$(prop ActiveState)/$(prop SubState)
+if [ $rc -ne 0 ]; then
+  fail start-ready "systemctl start failed (exit $rc) after ${start_s}s: $out"
+elif [ "$state" != active/running ]; then
+  fail start-ready "state right after 'systemctl start' returned is $state, not active/running (returned before READY=1?)"
+else
+  # The agent's own "starting" line must precede systemd's "Started ..." (sent on READY=1).
+  lines=$(journal)
+  n_starting=$(grep -n 'nixfleet-agent starting' <<<"$lines" | head -1 | cut -d: -f1)
+  n_started=$(grep -n '^Started ' <<<"$lines" | head -1 | cut -d: -f1)
+  exec_us=$(prop ExecMainStartTimestampMonotonic) active_us=$(prop ActiveEnterTimestampMonotonic)
+  ready_ms=$(( (active_us - exec_us) / 1000 ))
+  if [ -z "$n_starting" ]; then
+    fail start-ready "no 'nixfleet-agent starting' line in the journal before start returned"
+  elif [ -n "$n_started" ] && [ "$n_starting" -gt "$n_started" ]; then
+    fail start-ready "'nixfleet-agent starting' logged after systemd's 'Started' line"
+  else
+    pass start-ready "systemctl start took ${start_s}s, exec to READY ${ready_ms}ms, then active/running"
+  fi
+fi
+
+# ---- 3. STATUS= ------------------------------------------------------------------------------
+status_ok() { prop StatusText | grep -Eq 'idle|last heartbeat'; }
+if wait_until 10 status_ok; then
+  st=$(prop StatusText)
+  if ct systemctl status "$unit" --no-pager 2>&1 | grep -qF "Status: \"$st" ||
+     ct systemctl status "$unit" --no-pager 2>&1 | grep -Eq 'Status: ".*(idle|last heartbeat)'; then
+    pass status-text "StatusText: $st"
+  else
+    fail status-text "StatusText is '$st' but 'systemctl status' does not show it"
+  fi
+else
+  fail status-text "StatusText is '$(prop StatusText)' after 10 s (expected 'idle' or 'last heartbeat')"
+fi
+
+# ---- 4. the fake dashboard saw register + "Agent started" -------------------------------------
+saw_register() { control GET /_fake/requests | grep -q '"endpoint":"register","host_id":"cthost"'; }
+saw_started() {
+  local r
+  r=$(control GET /_fake/requests) &&
+    grep -q '"endpoint":"status","host_id":"cthost"' <<<"$r" &&
+    grep -q '"output":"Agent started' <<<"$r"
+}
+if ! wait_until 10 saw_register; then
+  fail dashboard-register "no register for cthost in GET /_fake/requests after 10 s"
+elif ! wait_until 10 saw_started; then
+  fail dashboard-register "register seen, but no status 'Agent started ...' for cthost after 10 s"
+else
+  pass dashboard-register "register and status 'Agent started' for cthost"
+fi
+
+# ---- 5. a pull command, and its structured journal fields -------------------------------------
+out=$(control POST /_fake/command/cthost '{"command":"pull","force":true}' 2>&1)
+pull_entry() { ct journalctl -b -u "$unit" --no-pager -o json NIXFLEET_COMMAND=pull | grep -q NIXFLEET_COMMAND; }
+pull_done() { ct journalctl -b -u "$unit" --no-pager -o json NIXFLEET_COMMAND=pull | grep -q NIXFLEET_DURATION_MS; }
+if ! grep -q '"forced"' <<<"$out"; then
+  fail journal-fields "queueing pull through the control API failed: $out"
+elif ! wait_until 15 pull_entry; then
+  fail journal-fields "no journal entry with NIXFLEET_COMMAND=pull after 15 s (journalctl -u $unit NIXFLEET_COMMAND=pull)"
+else
+  j=$(ct journalctl -b -u "$unit" --no-pager -o json NIXFLEET_COMMAND=pull | head -1)
+  if ! grep -q '"SYSLOG_IDENTIFIER":"nixfleet-agent"' <<<"$j"; then
+    fail journal-fields "entry lacks SYSLOG_IDENTIFIER=nixfleet-agent: $j"
+  elif ! grep -q '"PRIORITY":"[0-7]"' <<<"$j"; then
+    fail journal-fields "entry lacks a PRIORITY field: $j"
+  elif ! wait_until 15 pull_done; then
+    fail journal-fields "pull never logged its end (no entry with NIXFLEET_COMMAND=pull and NIXFLEET_DURATION_MS after 15 s)"
+  else
+    pass journal-fields "NIXFLEET_COMMAND=pull with SYSLOG_IDENTIFIER=nixfleet-agent, PRIORITY, NIXFLEET_DURATION_MS"
+  fi
+fi
+
+# ---- 6. SIGSTOP -> watchdog restart ----------------------------------------------------------
+wd_s=$(usec_to_s "$(prop WatchdogUSec)") restart_s=$(usec_to_s "$(prop RestartUSec)")
+pid=$(prop MainPID) n0=$(prop NRestarts)
+t0=$(date +%s.%N)
+ct kill -STOP "$pid"
+watchdog_logged() { journal | grep -Eq "Failed with result 'watchdog'|[Ww]atchdog timeout"; }
+if ! wait_until "$(awk -v a="$wd_s" 'BEGIN{print a+5}')" watchdog_logged; then
+  fail watchdog "no \"Failed with result 'watchdog'\" within WatchdogSec+5 s ($(elapsed "$t0") s) after SIGSTOP of pid $pid"
+  ct kill -CONT "$pid" 2>/dev/null
+else
+  wd_after=$(elapsed "$t0")
+  if ! wait_until "$(awk -v a="$restart_s" 'BEGIN{print a+10}')" nrestarts_above "$n0"; then
+    fail watchdog "watchdog fired after ${wd_after}s but NRestarts is still $(prop NRestarts) after RestartSec+10 s"
+  elif ! wait_until 10 is_active_with_new_pid "$pid"; then
+    fail watchdog "restarted (NRestarts $(prop NRestarts)) but not active/running with a new pid: $(prop ActiveState)/$(prop SubState) pid $(prop MainPID)"
+  else
+    pass watchdog "watchdog fired ${wd_after}s after SIGSTOP (WatchdogSec=${wd_s}s), active again with pid $(prop MainPID) after $(elapsed "$t0")s, NRestarts $n0 -> $(prop NRestarts)"
+  fi
+fi
+
+# ---- 7. a duplicate started by hand is refused -------------------------------------------------
+pid=$(prop MainPID)
+out=$(ct env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root \
+  NIXFLEET_URL=http://127.0.0.1:8000 NIXFLEET_ALLOW_INSECURE_HTTP=1 NIXFLEET_HOSTNAME=cthost \
+  NIXFLEET_INTERVAL=2 NIXFLEET_NIXCFG=/var/lib/ci/nixcfg NIXFLEET_TOKEN_FILE=/etc/nixfleet-agent/token \
+  NIXFLEET_RUNTIME_DIR=/run/nixfleet-agent NIXFLEET_STATE_DIR=/var/lib/nixfleet-agent \
+  timeout 15 /opt/ci/nixfleet-agent run 2>&1); rc=$?
+if [ $rc -ne 75 ]; then
+  fail duplicate "second agent exited $rc, expected 75: $(tail -3 <<<"$out")"
+elif ! grep -q "already running.*pid $pid\b" <<<"$out"; then
+  fail duplicate "exit 75, but the message does not name the running agent (pid $pid): $out"
+elif [ "$(prop MainPID)" != "$pid" ] || [ "$(prop ActiveState)" != active ]; then
+  fail duplicate "the running agent was disturbed: now $(prop ActiveState) pid $(prop MainPID)"
+else
+  pass duplicate "exit 75: $(grep -o 'another nixfleet-agent is already running: pid [0-9]*' <<<"$out")"
+fi
+
+# ---- 8. kill -9 -> restarted, lock taken by the new instance ----------------------------------
+pid=$(prop MainPID) n0=$(prop NRestarts)
+t0=$(date +%s.%N)
+ct kill -KILL "$pid"
+lock_holder() { ct cat /run/nixfleet-agent/agent.lock 2>/dev/null | sed -n 's/^pid=//p'; }
+lock_is_new_main() { local p; p=$(prop MainPID); [ "$p" != 0 ] && [ "$(lock_holder)" = "$p" ]; }
+if ! wait_until "$(awk -v a="$restart_s" 'BEGIN{print a+10}')" nrestarts_above "$n0"; then
+  fail kill9 "NRestarts still $(prop NRestarts) RestartSec+10 s after kill -9 of pid $pid"
+elif ! wait_until 10 is_active_with_new_pid "$pid"; then
+  fail kill9 "not active/running with a new pid: $(prop ActiveState)/$(prop SubState) pid $(prop MainPID)"
+elif ! wait_until 5 lock_is_new_main; then
+  fail kill9 "agent.lock names pid '$(lock_holder)', the new MainPID is $(prop MainPID)"
+else
+  pass kill9 "active again with pid $(prop MainPID) after $(elapsed "$t0")s, NRestarts $n0 -> $(prop NRestarts), agent.lock pid=$(lock_holder)"
+fi
+
+# ---- 9. systemctl stop ends it cleanly ---------------------------------------------------------
+stop_limit=$(usec_to_s "$(prop TimeoutStopUSec)")
+t0=$(date +%s.%N)
+out=$(CT_TIMEOUT=$(awk -v a="$stop_limit" 'BEGIN{print int(a)+10}') ct systemctl stop "$unit" 2>&1); rc=$?
+stop_s=$(elapsed "$t0")
+stopped_line() { journal_has "stopped (exit code 0)"; }
+if [ $rc -ne 0 ]; then
+  fail stop "systemctl stop failed (exit $rc) after ${stop_s}s: $out"
+elif [ "$(prop ActiveState)" != inactive ] || [ "$(prop Result)" != success ]; then
+  fail stop "after stop: ActiveState=$(prop ActiveState) Result=$(prop Result) ExecMainStatus=$(prop ExecMainStatus)"
+elif ! wait_until 3 stopped_line; then
+  fail stop "no 'stopped (exit code 0)' line in the journal"
+elif awk -v a="$stop_s" -v b="$stop_limit" 'BEGIN{exit !(a>=b)}'; then
+  fail stop "stop took ${stop_s}s, not less than TimeoutStopSec=${stop_limit}s"
+else
+  pass stop "stopped in ${stop_s}s (TimeoutStopSec=${stop_limit}s), Result=success, exit code 0"
+fi
+
+# ---- 10. a config error (78) is not restarted in a loop -----------------------------------------
+ct sh -c "cat > /etc/systemd/system/$unit.d/90-bad-interval.conf" <<'EOF'
+[Service]
+Environment=NIXFLEET_INTERVAL=0
+EOF
+ct systemctl daemon-reload
+ct systemctl reset-failed "$unit" 2>/dev/null
+out=$(CT_TIMEOUT=20 ct systemctl start "$unit" 2>&1); rc=$?
+n0=$(prop NRestarts)
+sleep 5
+st=$(prop ExecMainStatus) state=$(prop ActiveState) n1=$(prop NRestarts)
+if [ $rc -eq 0 ]; then
+  fail config-error "systemctl start succeeded with NIXFLEET_INTERVAL=0 (state $state)"
+elif [ "$st" != 78 ]; then
+  fail config-error "exit status $st, expected 78 (state $state, Result $(prop Result))"
+elif [ "$n1" != 0 ] || [ "$state" != failed ]; then
+  fail config-error "restarted after exit 78: NRestarts $n0 -> $n1 after 5 s, state $state"
+else
+  pass config-error "start failed, exit status 78, state failed, NRestarts 0 after 5 s: $(journal | grep -m1 'configuration error' | cut -c1-100)"
+fi
+ct rm -f "/etc/systemd/system/$unit.d/90-bad-interval.conf"
+
+echo "total $(elapsed "$T0") s"
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]

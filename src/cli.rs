@@ -285,7 +285,7 @@ fn run(flags: &Flags) -> u8 {
         }
     };
     let outbox = Outbox::load(state_dir.join("outbox.json"));
-    let (journal, interrupted) = Journal::load(state_dir.join("journal.json"));
+    let (journal, left) = Journal::load(state_dir.join("journal.json"));
     let settings = Arc::new(settings);
     let runner = Runner::new(settings.timeouts.kill_grace);
 
@@ -320,7 +320,7 @@ fn run(flags: &Flags) -> u8 {
             credentials,
             outbox,
             journal,
-            interrupted,
+            left,
             notifier,
             progress,
         };
@@ -331,16 +331,19 @@ fn run(flags: &Flags) -> u8 {
     code
 }
 
+/// Installs the SIGTERM/SIGINT handlers at once, then waits for them on a task. Installing them
+/// inside the task would leave SIGTERM fatal until the runtime first polls it, which on a host
+/// where reading the facts never yields is after READY=1 has gone out.
 fn spawn_signal_watcher(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; SIGTERM will kill the agent");
+        return;
+    };
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            tracing::error!("cannot install signal handlers; SIGTERM will kill the agent");
-            return;
-        };
         tokio::select! {
             _ = term.recv() => tracing::info!("received SIGTERM"),
             _ = int.recv() => tracing::info!("received SIGINT"),

@@ -970,9 +970,8 @@ impl Settings {
             timeouts,
             switch_mode,
             switch_isolation,
-            switch_lock: path_setting("switch_lock")?.unwrap_or_else(|| {
-                PathBuf::from("/run/nixos/switch-to-configuration.lock")
-            }),
+            switch_lock: path_setting("switch_lock")?
+                .unwrap_or_else(|| PathBuf::from("/run/nixos/switch-to-configuration.lock")),
             state_dir: path_setting("state_dir")?,
             runtime_dir: path_setting("runtime_dir")?,
             log_filter: raw.get("log").map(|v| v.value.trim().to_string()),

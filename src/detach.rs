@@ -122,24 +122,29 @@ pub async fn launch(
         .map_err(|e| format!("cannot create {}: {e}", results.display()))?;
     let result_file = results.join(format!("{id}.json"));
     let timeouts = &settings.timeouts;
-    let mut inner: Vec<std::ffi::OsString> = wrapper_args(&result_file, switch.timeout, timeouts.kill_grace)
-        .into_iter()
-        .map(Into::into)
-        .collect();
+    let mut inner: Vec<std::ffi::OsString> =
+        wrapper_args(&result_file, switch.timeout, timeouts.kill_grace)
+            .into_iter()
+            .map(Into::into)
+            .collect();
     inner.push(switch.program.clone());
     inner.extend(switch.args.iter().cloned());
     // Past this, the result is given up as lost.
-    let deadline_unix =
-        now_unix() + switch.timeout.as_secs() + timeouts.kill_grace.as_secs() + 60;
+    let deadline_unix = now_unix() + switch.timeout.as_secs() + timeouts.kill_grace.as_secs() + 60;
     match isolation {
         Isolation::SystemdRun => {
             let unit = format!("nixfleet-switch-{id}");
             let backstop = switch.timeout + timeouts.kill_grace + Duration::from_secs(30);
-            let mut cmd = Cmd::new("systemd-run", &switch.cwd, timeouts.git_local, "systemd-run")
-                .arg(format!("--unit={unit}"))
-                .args(["--collect", "--quiet", "--service-type=exec"])
-                .arg(format!("--property=RuntimeMaxSec={}", backstop.as_secs()))
-                .arg(format!("--working-directory={}", switch.cwd.display()));
+            let mut cmd = Cmd::new(
+                "systemd-run",
+                &switch.cwd,
+                timeouts.git_local,
+                "systemd-run",
+            )
+            .arg(format!("--unit={unit}"))
+            .args(["--collect", "--quiet", "--service-type=exec"])
+            .arg(format!("--property=RuntimeMaxSec={}", backstop.as_secs()))
+            .arg(format!("--working-directory={}", switch.cwd.display()));
             for (key, value) in runner.child_env() {
                 let mut pair = std::ffi::OsString::from("--setenv=");
                 pair.push(key);
@@ -168,12 +173,20 @@ pub async fn launch(
             })
         }
         Isolation::Session => {
-            let cmd = Cmd::new(exe.as_os_str(), &switch.cwd, switch.timeout, "switch-wrapper")
-                .args(inner);
+            let cmd = Cmd::new(
+                exe.as_os_str(),
+                &switch.cwd,
+                switch.timeout,
+                "switch-wrapper",
+            )
+            .args(inner);
             let pid = runner
                 .spawn_detached(&cmd)
                 .map_err(|e| format!("cannot start the switch wrapper: {e}"))?;
-            tracing::info!(pid, "switch runs in its own session (pid {pid}), detached from the agent");
+            tracing::info!(
+                pid,
+                "switch runs in its own session (pid {pid}), detached from the agent"
+            );
             Ok(Detached {
                 unit: None,
                 pid: Some(pid),
@@ -242,23 +255,39 @@ async fn gone_reason(
     cancel: &CancellationToken,
 ) -> Option<String> {
     if let Some(unit) = &detached.unit {
-        let cmd = Cmd::new("systemctl", "/", Duration::from_secs(10), "systemctl show")
-            .args(["show", "--property=ActiveState,Result", "--value", unit]);
+        let cmd = Cmd::new("systemctl", "/", Duration::from_secs(10), "systemctl show").args([
+            "show",
+            "--property=ActiveState,Result",
+            "--value",
+            unit,
+        ]);
         let outcome = runner.run(cmd, cancel).await.ok()?;
-        let text = outcome.output.split_whitespace().collect::<Vec<_>>().join(" ");
+        let text = outcome
+            .output
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
         return match text.split(' ').next() {
             Some("active" | "activating" | "deactivating" | "reloading") => None,
-            _ => Some(format!("the switch unit {unit} ended without a result ({text})")),
+            _ => Some(format!(
+                "the switch unit {unit} ended without a result ({text})"
+            )),
         };
     }
     if let Some(pid) = detached.pid {
         let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok();
         // A zombie (our own unreaped child) counts as gone; the reaper thread handles it.
         let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
             .unwrap_or(false);
         if !alive || zombie {
-            return Some(format!("the switch wrapper (pid {pid}) ended without a result"));
+            return Some(format!(
+                "the switch wrapper (pid {pid}) ended without a result"
+            ));
         }
     }
     None

@@ -92,6 +92,16 @@ struct JournalFile {
     version: u32,
     last_id: u64,
     running: Option<JournalEntry>,
+    /// Commands delivered but not started yet (queued behind the running one).
+    #[serde(default)]
+    queued: Vec<String>,
+}
+
+/// What a previous agent instance left unfinished.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Left {
+    pub running: Option<JournalEntry>,
+    pub queued: Vec<String>,
 }
 
 /// The journal file (`journal.json`, versioned, atomic).
@@ -100,6 +110,7 @@ pub struct Journal {
     path: Option<PathBuf>,
     last_id: u64,
     running: Option<JournalEntry>,
+    queued: Vec<String>,
 }
 
 impl Journal {
@@ -108,23 +119,26 @@ impl Journal {
             path: None,
             last_id: 0,
             running: None,
+            queued: Vec::new(),
         }
     }
 
-    /// Loads the journal; a corrupt one is quarantined. Returns the journal and the command
-    /// a previous instance left running, if any.
-    pub fn load(path: PathBuf) -> (Journal, Option<JournalEntry>) {
+    /// Loads the journal; a corrupt one is quarantined. Returns the journal and what a
+    /// previous instance left: the command it was running and the ones queued behind it.
+    pub fn load(path: PathBuf) -> (Journal, Left) {
         let mut journal = Journal {
             path: Some(path.clone()),
             last_id: 0,
             running: None,
+            queued: Vec::new(),
         };
-        let mut left_running = None;
+        let mut left = Left::default();
         match fs::read(&path) {
             Ok(bytes) => match serde_json::from_slice::<JournalFile>(&bytes) {
                 Ok(file) if file.version == 1 => {
                     journal.last_id = file.last_id;
-                    left_running = file.running;
+                    left.running = file.running;
+                    left.queued = file.queued;
                 }
                 Ok(file) => quarantine(&path, &format!("unknown journal version {}", file.version)),
                 Err(e) => quarantine(&path, &format!("unreadable journal ({e})")),
@@ -132,7 +146,15 @@ impl Journal {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => tracing::error!(path = %path.display(), "cannot read the journal: {e}"),
         }
-        (journal, left_running)
+        (journal, left)
+    }
+
+    /// The commands waiting behind the running one changed.
+    pub fn set_queued(&mut self, queued: Vec<String>) {
+        if queued != self.queued {
+            self.queued = queued;
+            self.persist();
+        }
     }
 
     /// Records that `command` starts; returns its id.
@@ -197,6 +219,7 @@ impl Journal {
             version: 1,
             last_id: self.last_id,
             running: self.running.clone(),
+            queued: self.queued.clone(),
         };
         let bytes = serde_json::to_vec(&file).expect("journal serializes");
         if let Err(e) = write_atomic(path, &bytes) {
@@ -250,12 +273,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal.json");
         let (mut journal, left) = Journal::load(path.clone());
-        assert_eq!(left, None);
+        assert_eq!(left, Left::default());
         let id = journal.start("switch");
         journal.step("Switch");
+        journal.set_queued(vec!["pull".into()]);
         drop(journal);
         let (mut journal, left) = Journal::load(path.clone());
-        let left = left.expect("left running");
+        assert_eq!(left.queued, vec!["pull".to_string()]);
+        let left = left.running.expect("left running");
         assert_eq!(
             (left.id, left.command.as_str(), left.step.as_str()),
             (id, "switch", "Switch")
@@ -264,9 +289,10 @@ mod tests {
         let next = journal.start("pull");
         assert!(next > id, "ids keep growing across restarts");
         journal.finish();
-        assert_eq!(Journal::load(path.clone()).1, None);
+        journal.set_queued(Vec::new());
+        assert_eq!(Journal::load(path.clone()).1, Left::default());
         std::fs::write(&path, b"garbage").unwrap();
-        assert_eq!(Journal::load(path.clone()).1, None);
+        assert_eq!(Journal::load(path.clone()).1, Left::default());
         assert!(!path.exists(), "garbage journal quarantined");
     }
 

@@ -13,7 +13,7 @@ let
   inherit (builtins) all attrNames attrValues concatStringsSep elem filter isAttrs isBool isInt isString mapAttrs match stringLength substring;
 
   hasPrefix = p: s: substring 0 (stringLength p) s == p;
-  hasInfix = infix: s: match ".*${infix}.*" s != null;
+  containsRe = infix: s: match ".*${infix}.*" s != null;
 
   mkType = name: check: { _type = "type"; inherit name check; };
   types = {
@@ -162,7 +162,7 @@ let
   };
 
   storePaths = v:
-    if isString v then hasInfix "/nix/store/" v
+    if isString v then containsRe "/nix/store/" v
     else if isAttrs v then (v ? outPath) || builtins.any storePaths (attrValues v)
     else if builtins.isList v then builtins.any storePaths v
     else false;
@@ -208,8 +208,8 @@ let
     ++ expect "killGrace 0 is kept" ((mkCfg (good // { timeouts.killGrace = 0; })).settings.kill_grace == 0)
     ++ expect "settings win over options" ((mkCfg (good // { settings.interval = 60; })).settings.interval == 60)
     ++ expect "the token is never a setting" (!(goodSettings ? token) && !(goodSettings ? token_file))
-    ++ expect "NixOS: ExecStart runs the checked config" (hasInfix "/bin/nixfleet-agent run --config /nix/store/[^ ]*-nixfleet-agent.toml" unit.serviceConfig.ExecStart)
-    ++ expect "NixOS: check-config runs at build time" (hasInfix "check-config --config" (render good).configFile.script)
+    ++ expect "NixOS: ExecStart runs the checked config" (containsRe "/bin/nixfleet-agent run --config /nix/store/[^ ]*-nixfleet-agent.toml" unit.serviceConfig.ExecStart)
+    ++ expect "NixOS: check-config runs at build time" (containsRe "check-config --config" (render good).configFile.script)
     ++ expect "NixOS: the build-time check leaves host files out" (!((render (good // { caFile = "/etc/ca.pem"; })).configFile.env.checkInput.value ? ca_file))
     ++ expect "NixOS: checkConfig = false uses the rendered file" ((render (good // { checkConfig = false; })).configFile ? value)
     ++ expect "NixOS: LoadCredential passes tokenFile" (unit.serviceConfig.LoadCredential == [ "token:/run/secrets/nixfleet-token" ])
@@ -225,8 +225,8 @@ let
     ++ expect "darwin: AGENT_PATH is what launchd starts" (hasPrefix daemon.environment.NIXFLEET_AGENT_PATH daemon.command)
     ++ expect "darwin: runs as root unless user is set" (daemon.serviceConfig.UserName == { } && (darwinConfig (good // { user = "alice"; })).launchd.daemons.nixfleet-agent.serviceConfig.UserName == "alice")
     ++ expect "darwin: the stable binary link points at the package" (darwin.environment.etc."nixfleet-agent/bin/nixfleet-agent".source == "${pkgs.nixfleet-agent}/bin/nixfleet-agent")
-    ++ expect "darwin: postActivation compares store paths" (hasInfix "${pkgs.nixfleet-agent}/bin/nixfleet-agent /nix/store/[^ ]*-nixfleet-agent.toml" darwin.system.activationScripts.postActivation.text)
-    ++ expect "VM test: the dashboard runs the fake on 18000 behind socat on 8000" (hasInfix "--port 18000" vmDashboard.systemd.services.fake-dashboard.serviceConfig.ExecStart && hasInfix "TCP-LISTEN:8000" vmDashboard.systemd.services.fake-dashboard-forward.serviceConfig.ExecStart)
+    ++ expect "darwin: postActivation compares store paths" (containsRe "${pkgs.nixfleet-agent}/bin/nixfleet-agent /nix/store/[^ ]*-nixfleet-agent.toml" darwin.system.activationScripts.postActivation.text)
+    ++ expect "VM test: the dashboard runs the fake on 18000 behind socat on 8000" (containsRe "--port 18000" vmDashboard.systemd.services.fake-dashboard.serviceConfig.ExecStart && containsRe "TCP-LISTEN:8000" vmDashboard.systemd.services.fake-dashboard-forward.serviceConfig.ExecStart)
     ++ expect "VM test: watchdogSec is short" (vmAgent.watchdogSec == 10)
     ++ expect "flake: outputs" (builtins.sort builtins.lessThan (attrNames flakeOutputs) == [ "checks" "darwinModules" "devShells" "formatter" "nixosModules" "overlays" "packages" ])
     ++ expect "flake: packages" (attrNames flakeOutputs.packages.x86_64-linux == [ "default" "fake-dashboard" ])
@@ -236,7 +236,7 @@ let
     ++ expect "flake: darwin checks" (attrNames flakeOutputs.checks.aarch64-darwin == [ "clippy" "darwin-module" "package" "tests" ])
     ++ expect "flake: tests run nextest" (flakeOutputs.checks.x86_64-linux.tests.doCheck && flakeOutputs.checks.x86_64-linux.tests.useNextest)
     ++ expect "flake: the package does not run tests" (!flakeOutputs.packages.x86_64-linux.default.doCheck)
-    ++ expect "flake: clippy denies warnings" (hasInfix "cargo clippy --workspace --all-targets --offline -- -D warnings" flakeOutputs.checks.x86_64-linux.clippy.buildPhase)
+    ++ expect "flake: clippy denies warnings" (containsRe "cargo clippy --workspace --all-targets --offline -- -D warnings" flakeOutputs.checks.x86_64-linux.clippy.buildPhase)
     ++ expect "flake: modules are functions" (builtins.isFunction flakeOutputs.nixosModules.default && builtins.isFunction flakeOutputs.darwinModules.default)
     ++ expect "flake: the overlay adds nixfleet-agent" ((flakeOutputs.overlays.default pkgs pkgs) ? nixfleet-agent);
 in

@@ -101,8 +101,8 @@ pub struct Startup {
     pub credentials: Credentials,
     pub outbox: Outbox,
     pub journal: Journal,
-    /// A command a previous instance left running (from the journal).
-    pub interrupted: Option<JournalEntry>,
+    /// What a previous instance left unfinished (from the journal).
+    pub left: crate::store::Left,
     pub notifier: Notifier,
     pub progress: Arc<Progress>,
 }
@@ -247,9 +247,23 @@ impl<T: Transport> Agent<T> {
             resume: None,
             settings,
         };
-        if let Some(left) = startup.interrupted {
-            agent.report_interrupted(left);
+        if let Some(running) = startup.left.running {
+            agent.report_interrupted(running);
         }
+        for name in startup.left.queued {
+            tracing::warn!(
+                NIXFLEET_COMMAND = %name,
+                "command {name} was queued when the agent restarted; reporting it as not run"
+            );
+            agent.status_now(
+                Outcome::Error,
+                format!(
+                    "Command {name} was not run: the agent restarted before it could start it; \
+                     queue it again if needed"
+                ),
+            );
+        }
+        agent.journal.set_queued(Vec::new());
         agent.outbox.push(
             Report::Status(StatusReport {
                 status: Outcome::Ok,
@@ -439,6 +453,7 @@ impl<T: Transport> Agent<T> {
         let Some(job) = self.queue.pop_front() else {
             return;
         };
+        self.journal_queue();
         let name = command_label(&job);
         tracing::info!(NIXFLEET_COMMAND = %name, "running command {name}");
         let (journal_id, detached) = match (&job, self.resume.take()) {
@@ -814,11 +829,26 @@ impl<T: Transport> Agent<T> {
             return;
         }
         self.queue.push_back(command);
+        self.journal_queue();
         let position = self.queue.len();
         self.status_now(
             Outcome::Ok,
             format!("Queued: {name} will run after {busy_with} finishes (position {position})"),
         );
+    }
+
+    /// Keeps the journal's list of waiting dashboard commands current.
+    fn journal_queue(&mut self) {
+        let names = self
+            .queue
+            .iter()
+            .filter(|job| {
+                matches!(job, Job::Run(Ok(c)) if *c != Command::Setup)
+                    || matches!(job, Job::Run(Err(_)))
+            })
+            .map(command_label)
+            .collect();
+        self.journal.set_queued(names);
     }
 
     fn status_now(&mut self, status: Outcome, output: String) {

@@ -262,6 +262,18 @@ pub(super) async fn pull_reset(ctx: &Context) {
     }
 }
 
+/// The identity the agent commits with (`update`'s lock commit, and as the committer of
+/// commits a rebase rewrites): a daemon's `HOME` rarely has one, and git refuses to commit
+/// without.
+pub(super) fn identity_args(host: &str) -> [String; 4] {
+    [
+        "-c".into(),
+        "user.name=nixfleet-agent".into(),
+        "-c".into(),
+        format!("user.email=nixfleet-agent@{host}"),
+    ]
+}
+
 /// Pull for `update`'s recovery path after a refused push, reporting nothing. Legacy mode
 /// rebases (`git pull --rebase`, as v1 does): the checkout may carry local commits, and a
 /// plain pull of a diverged branch is refused by git >= 2.33 without `pull.rebase` set.
@@ -272,6 +284,7 @@ pub(super) async fn pull_quietly(ctx: &Context, dir: &Path) -> Result<String, St
     let pull = ctx
         .run(
             ctx.git(dir, ctx.settings.timeouts.git, "git pull --rebase")
+                .args(identity_args(ctx.host()))
                 .args(["pull", "--rebase"]),
         )
         .await;

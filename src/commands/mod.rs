@@ -45,7 +45,10 @@ pub enum ExecEvent {
     /// delivered (`restart`, a switch that replaced the agent binary). `left_running` means the
     /// agent stopped waiting for a detached switch that goes on: keep its journal entry so the
     /// next instance reports it.
-    Finished { exit: Option<u8>, left_running: bool },
+    Finished {
+        exit: Option<u8>,
+        left_running: bool,
+    },
 }
 
 /// The commands this agent knows. Anything else is reported as unknown.

@@ -229,7 +229,10 @@ async fn wait_for_other_switch(ctx: &Context) -> Result<(), String> {
         if !announced {
             announced = true;
             tracing::info!(lock = %path.display(), "another switch is running; waiting for it");
-            ctx.step("waiting for another switch to finish", Some(ctx.settings.timeouts.switch));
+            ctx.step(
+                "waiting for another switch to finish",
+                Some(ctx.settings.timeouts.switch),
+            );
         }
         if std::time::Instant::now() >= deadline {
             return Err(format!(
@@ -313,7 +316,6 @@ pub(super) async fn update(ctx: &Context) -> SwitchResult {
             left_running: false,
         };
     }
-    let identity = format!("user.email=nixfleet-agent@{}", ctx.host());
     let add = ctx
         .run(
             ctx.git(&dir, timeouts.git_local, "git add flake.lock")
@@ -323,7 +325,7 @@ pub(super) async fn update(ctx: &Context) -> SwitchResult {
     let commit = if add.ok {
         ctx.run(
             ctx.git(&dir, timeouts.git_local, "git commit")
-                .args(["-c", "user.name=nixfleet-agent", "-c", &identity])
+                .args(git::identity_args(ctx.host()))
                 .args([
                     "commit",
                     "-m",
@@ -390,6 +392,15 @@ pub(super) async fn update(ctx: &Context) -> SwitchResult {
     switch(ctx).await
 }
 
+/// The line of a failed git step's output that says why: git starts a refused push with
+/// `To <url>` and a failed pull with `From <url>`, which say nothing. Prefers the
+/// `! [rejected] ...` / `! [remote rejected] ...` line, then the first `fatal:`/`error:` line,
+/// then the first line (a timeout's "git push timed out after 120s").
 fn first_line(text: &str) -> &str {
-    text.lines().next().unwrap_or("")
+    let lines = || text.lines().map(str::trim);
+    lines()
+        .find(|l| l.starts_with("! ["))
+        .or_else(|| lines().find(|l| l.starts_with("fatal:") || l.starts_with("error:")))
+        .or_else(|| lines().next())
+        .unwrap_or("")
 }

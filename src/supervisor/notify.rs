@@ -33,8 +33,8 @@ struct Channel {
     /// (`daemon-reexec`) still receives later messages.
     socket: UnixDatagram,
     addr: SocketAddr,
-    /// Half of `WATCHDOG_USEC`, when the watchdog is enabled for this process.
-    watchdog_interval: Option<Duration>,
+    /// The ping period, half of `WATCHDOG_USEC`, when the watchdog is enabled for this process.
+    ping_period: Option<Duration>,
     last_ping: Option<Instant>,
     last_status: Option<String>,
     /// Set after the first failed send so it is logged once.
@@ -83,7 +83,7 @@ impl Notifier {
             channel: Some(Channel {
                 socket,
                 addr,
-                watchdog_interval: watchdog_interval(watchdog_usec, watchdog_pid),
+                ping_period: ping_period(watchdog_usec, watchdog_pid),
                 last_ping: None,
                 last_status: None,
                 send_failed: false,
@@ -131,22 +131,26 @@ impl Notifier {
         let Some(channel) = &mut self.channel else {
             return;
         };
-        let Some(interval) = channel.watchdog_interval else {
+        let Some(period) = channel.ping_period else {
             return;
         };
         let due = channel
             .last_ping
-            .is_none_or(|last| now.saturating_duration_since(last) >= interval);
+            .is_none_or(|last| now.saturating_duration_since(last) >= period);
         if due {
             channel.send(b"WATCHDOG=1");
             channel.last_ping = Some(now);
         }
     }
 
-    /// The ping period (half of `WATCHDOG_USEC`), or `None` when the watchdog is off for us.
-    /// The main loop must iterate at least this often.
+    /// How often the main loop must iterate for the pings to keep systemd content: a quarter of
+    /// `WATCHDOG_USEC`, or `None` when the watchdog is off for us. Pings go out at half of
+    /// `WATCHDOG_USEC`; an iteration that comes just before a ping is due (woken by some event)
+    /// sends nothing, so the next one must follow within this much for the gap between pings to
+    /// stay at most three quarters of `WATCHDOG_USEC`. (Iterating only every half would let
+    /// that gap reach the whole `WATCHDOG_USEC`, and systemd would kill a healthy agent.)
     pub fn watchdog_interval(&self) -> Option<Duration> {
-        self.channel.as_ref()?.watchdog_interval
+        Some(self.channel.as_ref()?.ping_period? / 2)
     }
 
     /// Tells systemd the agent is shutting down, with a last status line.
@@ -185,7 +189,7 @@ fn parse_address(raw: &OsStr) -> io::Result<SocketAddr> {
     }
 }
 
-fn watchdog_interval(usec: Option<&str>, pid: Option<&str>) -> Option<Duration> {
+fn ping_period(usec: Option<&str>, pid: Option<&str>) -> Option<Duration> {
     if let Some(pid) = pid
         && pid.trim().parse::<u32>().ok() != Some(std::process::id())
     {
@@ -301,7 +305,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (listener, path) = path_listener(&dir);
         let mut n = Notifier::from_values(Some(&path), Some("200000"), Some(&our_pid()));
-        assert_eq!(n.watchdog_interval(), Some(Duration::from_millis(100)));
+        // The loop iterates at a quarter of WATCHDOG_USEC; pings go out at half.
+        assert_eq!(n.watchdog_interval(), Some(Duration::from_millis(50)));
 
         let t0 = Instant::now();
         n.watchdog_tick_at(t0);

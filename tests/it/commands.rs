@@ -6,6 +6,7 @@
 //! `NIXFLEET_KILL_GRACE=1`) so hangs cost seconds.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -106,6 +107,27 @@ fn group_is_gone(pgid: i32) -> bool {
 
 fn read_pid(path: &Path) -> Option<i32> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// SIGKILLs, when the test ends however it ends, the processes whose pids the stand-ins wrote
+/// to these files (and their process groups, for group leaders), so a failing test leaves no
+/// `sleep 1000` behind.
+struct KillRecorded(Vec<PathBuf>);
+
+impl Drop for KillRecorded {
+    fn drop(&mut self) {
+        for file in &self.0 {
+            if let Some(pid) = read_pid(file).filter(|&p| p > 1) {
+                // SAFETY: kill(2) on processes this test's stand-ins started and recorded.
+                unsafe {
+                    if proc_stat(pid).is_some_and(|(_, pgrp)| pgrp == pid) {
+                        libc::kill(-pid, libc::SIGKILL);
+                    }
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
 }
 
 /// The checkout's HEAD as seen by a `git show`, for content comparisons.
@@ -239,6 +261,7 @@ fn switch_timeout_kills_the_whole_tree_and_says_so() {
     h.set("NIXFLEET_KILL_GRACE", "1");
     let pids = h.tmp.path().join("pids");
     fs::create_dir_all(&pids).unwrap();
+    let _cleanup = KillRecorded(vec![pids.join("child.pid"), pids.join("grandchild.pid")]);
     // The tool ignores SIGTERM, and so does a grandchild that also holds the output pipe.
     h.stand_in(
         "nixos-rebuild",
@@ -284,7 +307,7 @@ fn switch_timeout_kills_the_whole_tree_and_says_so() {
         TIMEOUT + GRACE
     );
     assert!(
-        killed_after >= TIMEOUT + GRACE - 0.3 && killed_after <= TIMEOUT + GRACE + 1.0,
+        (TIMEOUT + GRACE - 0.3..=TIMEOUT + GRACE + 1.0).contains(&killed_after),
         "killed after {killed_after:.3} s"
     );
     // Nothing of the group survives (zombies waiting for PID 1 to reap them do not run).
@@ -348,6 +371,106 @@ fn switch_timeout_kills_the_whole_tree_and_says_so() {
 }
 
 #[test]
+fn switch_done_while_grandchildren_hold_the_pipe_reports_at_once() {
+    let mut h = Harness::new();
+    h.legacy_repo();
+    h.set("NIXFLEET_SWITCH_TIMEOUT", "30");
+    let pids = h.tmp.path().join("pids");
+    fs::create_dir_all(&pids).unwrap();
+    let _cleanup = KillRecorded(vec![pids.join("in-group.pid"), pids.join("escapee.pid")]);
+    // The tool exits at once, leaving a background child in its group and a `setsid` escapee;
+    // both inherited the output pipe.
+    h.stand_in(
+        "nixos-rebuild",
+        &format!(
+            "sh -c 'echo $$ > {p}/in-group.pid; exec sleep 1000' &\n\
+             setsid sh -c 'echo $$ > {p}/escapee.pid; exec sleep 1000' &\n\
+             while [ ! -s {p}/in-group.pid ] || [ ! -s {p}/escapee.pid ]; do sleep 0.05; done\n\
+             echo 'switched'",
+            p = pids.display()
+        ),
+    );
+    let agent = start(&h);
+    let from = send(&h, "switch");
+    assert!(
+        h.wait_status(Duration::from_secs(5), "Switch: switched"),
+        "{:?}\n{}",
+        outputs_since(&h, from),
+        agent.log()
+    );
+    let in_group = read_pid(&pids.join("in-group.pid")).unwrap();
+    let escapee = read_pid(&pids.join("escapee.pid")).unwrap();
+    // The one left in the group is killed with it; the escapee is out of reach (documented)
+    // but did not hold the report back.
+    assert!(
+        wait_until(T, || is_dead(in_group)),
+        "in-group child survived"
+    );
+    assert!(!is_dead(escapee), "the escapee runs on");
+    assert_eq!(bodies_since(&h, from).pop().unwrap()["status"], "ok");
+}
+
+#[test]
+fn isolated_checkout_of_another_url_is_replaced_by_a_complete_clone() {
+    let mut h = Harness::new();
+    let (repos, dir) = h.isolated_repo();
+    // A checkout of another repository sits where the agent clones, plus a staging directory
+    // an interrupted clone left behind.
+    let other = h.tmp.path().join("other");
+    fs::create_dir_all(&other).unwrap();
+    git(&other, &["init", "-q", "-b", "main"]);
+    fs::write(other.join("file"), "other\n").unwrap();
+    git(&other, &["add", "."]);
+    git(&other, &["commit", "-q", "-m", "other"]);
+    fs::create_dir_all(dir.parent().unwrap()).unwrap();
+    git(
+        dir.parent().unwrap(),
+        &["clone", "-q", other.to_str().unwrap(), "repo"],
+    );
+    let staging = dir.parent().unwrap().join(".repo.nixfleet-clone");
+    fs::create_dir_all(staging.join(".git")).unwrap();
+    let agent = start(&h);
+    let head = Repos::head(&repos.origin);
+    assert!(
+        wait_until(T, || dir.join(".git").exists()
+            && git(&dir, &["remote", "get-url", "origin"])
+                == repos.origin.to_str().unwrap()),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(Repos::head(&dir), head);
+    assert!(!dir.join("file").exists());
+    assert!(!staging.exists(), "the staging directory is gone");
+    assert_eq!(
+        fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    let from = send(&h, "pull");
+    assert!(
+        h.wait_status(T, "Pull: Reset to origin/main"),
+        "{:?}\n{}",
+        outputs_since(&h, from),
+        agent.log()
+    );
+
+    // An origin that cannot be cloned leaves the existing checkout alone.
+    drop(agent);
+    fs::rename(&repos.origin, repos.origin.with_extension("gone")).unwrap();
+    h.set(
+        "NIXFLEET_REPO_URL",
+        other.with_extension("missing").display().to_string(),
+    );
+    let agent = start(&h);
+    assert!(
+        agent.wait_log(T, "repository setup failed: git clone failed"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(Repos::head(&dir), head, "the old checkout is kept");
+    assert!(!staging.exists());
+}
+
+#[test]
 fn pull_switch_switches_only_after_a_good_pull() {
     let mut h = Harness::new();
     let repos = h.legacy_repo();
@@ -403,6 +526,9 @@ fn git_pull_timeout_reports_in_the_requirements_words() {
     h.legacy_repo();
     h.set("NIXFLEET_GIT_TIMEOUT", "2");
     h.set("NIXFLEET_KILL_GRACE", "1");
+    let key = h.tmp.path().join("deploy key");
+    fs::write(&key, "not a real key\n").unwrap();
+    h.set("NIXFLEET_SSH_KEY", key.display().to_string());
     // `git pull` hangs; every other git call goes to the real git.
     h.stand_in(
         "git",
@@ -435,6 +561,30 @@ fn git_pull_timeout_reports_in_the_requirements_words() {
         "Pull failed: git pull timed out after 2s\nFetching origin"
     );
     assert_eq!(h.calls("git"), ["pull"]);
+    // The repo is trusted through the environment, prompts are off, and ssh runs with the
+    // key only, accepting new host keys but never changed ones.
+    let env = h.call_env("git");
+    let checkout = h.tmp.path().join("checkout");
+    for expected in [
+        "GIT_TERMINAL_PROMPT=0".to_string(),
+        "GIT_CONFIG_COUNT=1".into(),
+        "GIT_CONFIG_KEY_0=safe.directory".into(),
+        format!("GIT_CONFIG_VALUE_0={}", checkout.display()),
+        format!(
+            "GIT_SSH_COMMAND=ssh -i '{}' -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new \
+             -o BatchMode=yes",
+            key.display()
+        ),
+    ] {
+        assert!(
+            env.lines().any(|l| l == expected),
+            "{expected} not in\n{env}"
+        );
+    }
+    assert!(
+        !h.tmp.path().join("home/.gitconfig").exists(),
+        "~/.gitconfig is never written"
+    );
 }
 
 #[test]
@@ -744,6 +894,53 @@ fn update_updates_commits_pushes_and_switches() {
 }
 
 #[test]
+fn update_push_rejected_by_a_moved_origin_rebases_local_commits() {
+    let mut h = Harness::new();
+    let repos = h.legacy_repo();
+    h.stand_in(
+        "nix",
+        "[ \"$1 $2 $3\" = 'flake update nixfleet' ] && echo '{\"version\": 8}' > flake.lock",
+    );
+    h.stand_in("nixos-rebuild", "echo built");
+    // The host's checkout carries a commit of its own, and origin moved on meanwhile: the
+    // push is refused (not a fast-forward) and the two histories have diverged.
+    fs::write(repos.checkout.join("local.nix"), "{ local = 1; }\n").unwrap();
+    git(&repos.checkout, &["add", "local.nix"]);
+    git(&repos.checkout, &["commit", "-q", "-m", "local change"]);
+    let upstream = repos.push_commit("upstream", &[("README", "news\n")]);
+    let agent = start(&h);
+    let from = send(&h, "update");
+    assert!(
+        wait_until(T, || outputs_since(&h, from)
+            .iter()
+            .any(|o| o.starts_with("Switch: "))),
+        "{:?}\n{}",
+        outputs_since(&h, from),
+        agent.log()
+    );
+    let outputs = outputs_since(&h, from);
+    assert!(
+        outputs[2].starts_with("Update: push failed (")
+            && outputs[2].contains("undid the local commit and pulled;"),
+        "{outputs:?}\n{}",
+        agent.log()
+    );
+    assert_eq!(outputs[3], "Switch: built");
+    // The local commit now sits on top of origin's; the lock update is gone.
+    assert_eq!(git(&repos.checkout, &["rev-parse", "HEAD~1"]), upstream);
+    assert_eq!(
+        git(&repos.checkout, &["log", "-1", "--format=%s"]),
+        "local change"
+    );
+    assert_eq!(
+        fs::read_to_string(repos.checkout.join("flake.lock")).unwrap(),
+        "{\"version\": 7}\n"
+    );
+    assert_eq!(git(&repos.checkout, &["status", "--porcelain"]), "");
+    assert_eq!(Repos::head(&repos.origin), upstream);
+}
+
+#[test]
 fn children_never_see_the_token_or_notify_socket() {
     let mut h = Harness::with_options(Options {
         shared_token: Some("tok-secret".into()),
@@ -841,6 +1038,22 @@ fn missing_tool_is_reported_with_the_path_searched() {
         output,
         format!("Switch failed: failed to start nixos-rebuild: not found in PATH ({path})")
     );
+    // A tool that is there but not executable is named with its path.
+    let tool = h.stand_in("nixos-rebuild", "echo built");
+    fs::set_permissions(&tool, fs::Permissions::from_mode(0o644)).unwrap();
+    let from = send(&h, "switch");
+    assert!(
+        h.wait_status(T, "is not executable"),
+        "{:?}",
+        outputs_since(&h, from)
+    );
+    assert_eq!(
+        outputs_since(&h, from),
+        [format!(
+            "Switch failed: failed to start nixos-rebuild: {} is not executable",
+            tool.display()
+        )]
+    );
     // The agent carries on.
     let from = send(&h, "test");
     assert!(
@@ -850,8 +1063,22 @@ fn missing_tool_is_reported_with_the_path_searched() {
     );
 }
 
-/// RSS in KiB of the agent plus any helper process of its own binary below it (a switch
-/// wrapper, if the switch runs in one).
+fn rss_of(pid: i32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// RSS in KiB of the agent plus its descendants that run the agent's own binary (a switch
+/// wrapper, if the switch runs in one); other tests' agents are not counted.
 fn agent_tree_rss_kib(agent: &AgentProcess) -> u64 {
     let Ok(exe) = fs::read_link(format!("/proc/{}/exe", agent.pid())) else {
         return 0;
@@ -859,24 +1086,34 @@ fn agent_tree_rss_kib(agent: &AgentProcess) -> u64 {
     let Ok(entries) = fs::read_dir("/proc") else {
         return 0;
     };
-    let mut total = 0;
-    for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
-        if fs::read_link(format!("/proc/{pid}/exe")).ok().as_ref() != Some(&exe) {
-            continue;
-        }
-        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        total += status
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("VmRSS:")?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0);
+    let parents: Vec<(i32, i32)> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid = stat[stat.rfind(')')? + 2..]
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut tree = vec![agent.pid()];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
     }
-    total
+    tree.into_iter()
+        .filter(|pid| fs::read_link(format!("/proc/{pid}/exe")).ok().as_ref() == Some(&exe))
+        .map(rss_of)
+        .sum()
 }
 
 #[test]

@@ -14,6 +14,8 @@
 //!   refused cached token, 401 back-off naming the token source.
 //! - `resilience`: dashboard down then up, hanging, garbage and oversized replies, 500, 422,
 //!   heartbeats during a long command, commands queued while busy, TLS with CA file and pin.
+//! - `crash`: kill -9 during a detached switch and a test run, outbox across restarts, corrupt
+//!   state files, queued commands after a crash, a bounded chaos run.
 //! - `supervisor`: sd-notify over path and abstract sockets (READY after the lock, STATUS,
 //!   WATCHDOG stopping under SIGSTOP and a wedged loop, WATCHDOG_PID, STOPPING), stall exit 70,
 //!   the instance lock (refusal 75, release after kill -9, verified takeover, unrelated holders
@@ -26,7 +28,8 @@
 
 mod commands;
 mod core;
+mod crash;
 mod resilience;
-mod support;
 mod supervisor;
+mod support;
 mod tokens;

@@ -129,7 +129,10 @@ impl Repos {
         };
         repos.write_files(files)?;
         git(&repos.dev, &["add", "."])?;
-        git(&repos.dev, &["commit", "-q", "-m", "Initial fleet configuration"])?;
+        git(
+            &repos.dev,
+            &["commit", "-q", "-m", "Initial fleet configuration"],
+        )?;
         let origin_str = repos.origin.display().to_string();
         git(&repos.dev, &["remote", "add", "origin", &origin_str])?;
         git(&repos.dev, &["push", "-q", "origin", "main"])?;
@@ -238,7 +241,10 @@ impl Agent {
         let mut cmd = Command::new(binary);
         cmd.arg("run")
             .env_clear()
-            .envs(vars.iter().map(|(k, v)| (OsString::from(k), OsString::from(v))))
+            .envs(
+                vars.iter()
+                    .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+            )
             .stdin(Stdio::null());
         match output {
             Output::Piped => {

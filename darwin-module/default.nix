@@ -52,10 +52,12 @@ in
     '';
 
     # Restart the agent when its binary or settings changed (store paths compared), since the
-    # stable plist does not make nix-darwin reload it. Not when this activation runs under the
-    # agent (a dashboard `switch`): killing it would lose the switch's report. That agent exits
-    # 10 by itself after reporting if its binary changed; a settings-only change then applies at
-    # its next restart (dashboard `restart`, or `launchctl kickstart -k system/${label}`).
+    # stable plist does not make nix-darwin reload it. A dashboard `switch` normally runs
+    # detached from the agent (`nixfleet-agent switch-wrapper` in its own session): restarting
+    # the agent then is safe, and the new instance reports the switch. Only when the switch runs
+    # inside the agent (switch_isolation = "none") would a restart kill it; then the agent is
+    # left alone, exits 10 by itself after reporting if its binary changed, and a settings-only
+    # change applies at its next restart (dashboard `restart`).
     system.activationScripts.postActivation.text = ''
       nixfleet_stamp=${stateDir}/activated
       nixfleet_want='${lib.getExe' cfg.package "nixfleet-agent"} ${render.configFile}'
@@ -66,6 +68,9 @@ in
         nixfleet_p=$$
         while [ -n "$nixfleet_pid" ] && [ -n "$nixfleet_p" ] && [ "$nixfleet_p" -gt 1 ]; do
           if [ "$nixfleet_p" = "$nixfleet_pid" ]; then nixfleet_inside=1; break; fi
+          case "$(/bin/ps -o command= -p "$nixfleet_p" || true)" in
+            *" switch-wrapper "*) break ;;
+          esac
           nixfleet_p=$(/bin/ps -o ppid= -p "$nixfleet_p" | /usr/bin/tr -d ' ' || true)
         done
         if [ -n "$nixfleet_inside" ]; then

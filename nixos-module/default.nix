@@ -66,7 +66,11 @@ in
         config.programs.ssh.package
         "/run/current-system/sw"
       ];
-      environment = cfg.extraEnvironment;
+      environment = {
+        # What systemd starts next time, resolved: a switch that installs a new agent makes it
+        # exit 10 after reporting, and systemd starts the new ExecStart.
+        NIXFLEET_AGENT_PATH = "/run/current-system/sw/bin/nixfleet-agent";
+      } // cfg.extraEnvironment;
 
       serviceConfig = {
         Type = "notify";

@@ -213,6 +213,8 @@ let
     ++ expect "NixOS: the build-time check leaves host files out" (!((render (good // { caFile = "/etc/ca.pem"; })).configFile.env.checkInput.value ? ca_file))
     ++ expect "NixOS: checkConfig = false uses the rendered file" ((render (good // { checkConfig = false; })).configFile ? value)
     ++ expect "NixOS: LoadCredential passes tokenFile" (unit.serviceConfig.LoadCredential == [ "token:/run/secrets/nixfleet-token" ])
+    ++ expect "NixOS: NIXFLEET_AGENT_PATH is the system profile's binary" (unit.environment.NIXFLEET_AGENT_PATH == "/run/current-system/sw/bin/nixfleet-agent")
+    ++ expect "NixOS: extraEnvironment reaches the unit" ((nixosConfig (good // { extraEnvironment.RUST_BACKTRACE = "1"; })).systemd.services.nixfleet-agent.environment.RUST_BACKTRACE == "1")
     ++ expect "NixOS: /run/wrappers is first on PATH" (builtins.head unit.path == "/run/wrappers")
     ++ expect "NixOS: not restarted by switch-to-configuration" (!unit.restartIfChanged && !unit.unitConfig.X-StopOnRemoval)
     ++ expect "NixOS: root by default, no sudo rule" (unit.serviceConfig.User == "root" && nixos.security.sudo.extraRules == { })

@@ -17,7 +17,7 @@ check() { # NAME CONDITION-COMMAND DETAIL
 wait_for() { local _; for _ in $(seq 150); do eval "$1" && return 0; sleep 0.2; done; return 1; }
 
 ct_boot "nfa-live-$$" --bind-ro="$here/fake-agent.py:/opt/ci/nixfleet-agent" \
-  --bind-ro=/etc/pam.d --bind-ro=/etc/security >/dev/null 2>&1 \
+  --bind-ro=/etc/pam.d --bind-ro=/etc/security --bind-ro=/etc/alternatives >/dev/null 2>&1 \
   || { echo "FAIL live: container boot (see /tmp/nfa-live-$$.nspawn.log)"; exit 0; }
 
 # --- system unit ---------------------------------------------------------------------------

@@ -227,6 +227,12 @@ fn step_result(label: &str, outcome: &Outcome) -> StepResult {
             false,
             false,
         ),
+        // A failure that printed nothing still says something ("Switch failed: " would not).
+        Exit::Code(code) if *code != 0 && output.is_empty() => (
+            format!("{label} exited with code {code} (no output)"),
+            false,
+            false,
+        ),
         Exit::Code(_) => (output.clone(), false, false),
     };
     tracing::info!(

@@ -304,8 +304,10 @@ pub(super) async fn update(ctx: &Context) -> SwitchResult {
     }
     let diff = ctx
         .run(
+            // Against HEAD, not the index: a lock an earlier attempt staged but never
+            // committed (its commit timed out) is still a change to commit.
             ctx.git(&dir, timeouts.git_local, "git diff flake.lock")
-                .args(["diff", "--quiet", "--", "flake.lock"]),
+                .args(["diff", "--quiet", "HEAD", "--", "flake.lock"]),
         )
         .await;
     if diff.ok {

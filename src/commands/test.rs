@@ -83,12 +83,9 @@ pub(super) async fn run_tests(ctx: &Context) {
                 ));
                 first_failure.get_or_insert_with(|| format!("{name} timed out"));
             } else {
-                let detail = if result.output.is_empty() {
-                    result.text.clone()
-                } else {
-                    result.output.clone()
-                };
-                let detail: String = detail.replace('\n', " ").chars().take(100).collect();
+                // The text: the output, after "killed by signal N" for a crash, or what
+                // failed to start, or the exit code when the script printed nothing.
+                let detail: String = result.text.replace('\n', " ").chars().take(100).collect();
                 lines.push(format!("FAIL {name}: {detail}"));
                 first_failure.get_or_insert_with(|| format!("{name} failed"));
             }

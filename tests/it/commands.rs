@@ -432,9 +432,9 @@ fn isolated_checkout_of_another_url_is_replaced_by_a_complete_clone() {
     let agent = start(&h);
     let head = Repos::head(&repos.origin);
     assert!(
-        wait_until(T, || dir.join(".git").exists()
-            && git(&dir, &["remote", "get-url", "origin"])
-                == repos.origin.to_str().unwrap()),
+        // Read without git: the old checkout is removed just before the new one moves in.
+        wait_until(T, || fs::read_to_string(dir.join(".git/config"))
+            .is_ok_and(|c| c.contains(repos.origin.to_str().unwrap()))),
         "{}",
         agent.log()
     );
@@ -748,6 +748,38 @@ fn test_command_reports_pass_fail_timeout_and_progress() {
 }
 
 #[test]
+fn test_failures_without_output_or_by_signal_still_say_why() {
+    let mut h = Harness::new();
+    let repos = h.legacy_repo();
+    repos.push_commit(
+        "tests",
+        &[
+            ("hosts/testhost/tests/T01-quiet.sh", "#!/bin/sh\nexit 3\n"),
+            (
+                "hosts/testhost/tests/T02-crash.sh",
+                "#!/bin/sh\necho 'about to crash'\nkill -SEGV $$\n",
+            ),
+        ],
+    );
+    git(&repos.checkout, &["pull", "-q"]);
+    let agent = start(&h);
+    let from = send(&h, "test");
+    assert!(
+        h.wait_status(T, "Test failed: "),
+        "{:?}\n{}",
+        outputs_since(&h, from),
+        agent.log()
+    );
+    let body = bodies_since(&h, from).pop().unwrap();
+    assert_eq!(
+        body["output"],
+        "Test failed: FAIL T01-quiet: T01-quiet exited with code 3 (no output)\n\
+         FAIL T02-crash: T02-crash was killed by signal 11 about to crash"
+    );
+    assert_eq!(body["test_status"], "0/2 pass, 2 fail");
+}
+
+#[test]
 fn test_command_without_tests() {
     let mut h = Harness::new();
     h.legacy_repo();
@@ -938,6 +970,38 @@ fn update_push_rejected_by_a_moved_origin_rebases_local_commits() {
     );
     assert_eq!(git(&repos.checkout, &["status", "--porcelain"]), "");
     assert_eq!(Repos::head(&repos.origin), upstream);
+}
+
+#[test]
+fn update_commits_a_lock_an_earlier_attempt_left_staged() {
+    let mut h = Harness::new();
+    let repos = h.legacy_repo();
+    // An earlier update staged the new lock but never committed it (its commit timed out);
+    // `nix flake update` now produces the same lock again.
+    fs::write(repos.checkout.join("flake.lock"), "{\"version\": 8}\n").unwrap();
+    git(&repos.checkout, &["add", "flake.lock"]);
+    h.stand_in("nix", "echo 'nothing new'");
+    h.stand_in("nixos-rebuild", "echo built");
+    let agent = start(&h);
+    let from = send(&h, "update");
+    assert!(
+        wait_until(T, || outputs_since(&h, from)
+            .iter()
+            .any(|o| o.starts_with("Switch: "))),
+        "{:?}\n{}",
+        outputs_since(&h, from),
+        agent.log()
+    );
+    assert_eq!(
+        outputs_since(&h, from),
+        [
+            "Update: Updating flake...",
+            "Update: Pushing flake.lock...",
+            "Update: Rebuilding...",
+            "Switch: built"
+        ]
+    );
+    assert_eq!(show(&repos.origin, "main:flake.lock"), "{\"version\": 8}");
 }
 
 #[test]

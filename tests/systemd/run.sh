@@ -7,6 +7,7 @@
 # Env:  NIXFLEET_BIN_DIR   where nixfleet-agent and fake-dashboard are (default target/debug,
 #                          or $CARGO_TARGET_DIR/debug)
 #       KEEP_LOGS=1        keep the work folder (journal dumps) even when everything passed
+# /etc/ssl is bound read-only: the agent wants CA roots even for an http:// URL.
 # Needs: systemd-nspawn (Debian: systemd-container), curl. Installs nothing. About 40 s.
 set -uo pipefail
 
@@ -72,12 +73,17 @@ usec_to_s() { # systemd's "45s", "1min 30s", "3s", "500ms" -> seconds
 
 cleanup() {
   local rc=$?
-  if [ -n "$CT_NSPAWN_PID" ] && [ -n "$CT_LEADER" ] && { [ "$failed" -gt 0 ] || [ "$rc" != 0 ]; }; then
+  if [ -n "$CT_NSPAWN_PID" ] && [ -n "$CT_LEADER" ] &&
+     { [ "$failed" -gt 0 ] || [ "$rc" != 0 ] || [ -n "${KEEP_LOGS:-}" ]; }; then
     CT_TIMEOUT=10 ct journalctl -b --no-pager -o short-monotonic > "$work/journal.txt" 2>&1
     CT_TIMEOUT=10 ct journalctl -b --no-pager -o json -u "$unit" > "$work/agent-journal.json" 2>&1
     CT_TIMEOUT=10 ct journalctl -b --no-pager -u fake-dashboard -o cat > "$work/fake-dashboard.txt" 2>&1
-    echo "--- last journal lines (full dumps in $work) ---"
-    tail -n 40 "$work/journal.txt"
+    if [ "$failed" -gt 0 ] || [ "$rc" != 0 ]; then
+      echo "--- last journal lines (full dumps in $work) ---"
+      tail -n 40 "$work/journal.txt"
+    else
+      echo "journal dumps kept in $work"
+    fi
   fi
   ct_stop
   if [ "$failed" -eq 0 ] && [ "$rc" = 0 ] && [ -z "${KEEP_LOGS:-}" ]; then rm -rf "$work"; fi
@@ -88,9 +94,10 @@ trap 'exit 130' INT TERM
 setup_fail() { echo "FAIL setup: $*"; failed=$((failed + 1)); echo "$passed passed, $failed failed"; exit 1; }
 
 # ---- boot ------------------------------------------------------------------------------------
-ct_boot "nfci-$$" \
-  --bind-ro="$bin_dir/nixfleet-agent:/opt/ci/nixfleet-agent" \
-  --bind-ro="$bin_dir/fake-dashboard:/opt/ci/fake-dashboard" \
+binds=(--bind-ro="$bin_dir/nixfleet-agent:/opt/ci/nixfleet-agent"
+       --bind-ro="$bin_dir/fake-dashboard:/opt/ci/fake-dashboard")
+[ -d /etc/ssl ] && binds+=(--bind-ro=/etc/ssl)
+ct_boot "nfci-$$" "${binds[@]}" \
   || setup_fail "container did not boot (see $CT_LOG)"
 echo "booted systemd in the container in $(elapsed "$T0") s"
 
@@ -152,7 +159,10 @@ t0=$(date +%s.%N)
 out=$(ct systemctl start "$unit" 2>&1); rc=$?
 start_s=$(elapsed "$t0")
 state=$(prop ActiveState)/$(prop SubState)
-if [ $rc -ne 0 ]; then
+lock_pid=$(ct cat /run/nixfleet-agent/agent.lock 2>/dev/null | sed -n 's/^pid=//p')
+if [ $rc -eq 124 ]; then
+  fail start-ready "systemctl start did not return within ${CT_TIMEOUT:-30}s (no READY=1?); state $state, StatusText '$(prop StatusText)'"
+elif [ $rc -ne 0 ]; then
   fail start-ready "systemctl start failed (exit $rc) after ${start_s}s: $out"
 elif [ "$state" != active/running ]; then
   fail start-ready "state right after 'systemctl start' returned is $state, not active/running (returned before READY=1?)"
@@ -165,10 +175,12 @@ else
   ready_ms=$(( (active_us - exec_us) / 1000 ))
   if [ -z "$n_starting" ]; then
     fail start-ready "no 'nixfleet-agent starting' line in the journal before start returned"
-  elif [ -n "$n_started" ] && [ "$n_starting" -gt "$n_started" ]; then
-    fail start-ready "'nixfleet-agent starting' logged after systemd's 'Started' line"
+  elif [ -z "$n_started" ] || [ "$n_starting" -gt "$n_started" ]; then
+    fail start-ready "'nixfleet-agent starting' (line ${n_starting}) not logged before systemd's 'Started' line (${n_started:-none})"
+  elif [ "$lock_pid" != "$(prop MainPID)" ]; then
+    fail start-ready "READY=1 came but /run/nixfleet-agent/agent.lock names pid '$lock_pid', not MainPID $(prop MainPID)"
   else
-    pass start-ready "systemctl start took ${start_s}s, exec to READY ${ready_ms}ms, then active/running"
+    pass start-ready "systemctl start took ${start_s}s, exec to READY ${ready_ms}ms, then active/running, lock held by MainPID $lock_pid"
   fi
 fi
 
@@ -216,10 +228,16 @@ else
     fail journal-fields "entry lacks SYSLOG_IDENTIFIER=nixfleet-agent: $j"
   elif ! grep -q '"PRIORITY":"[0-7]"' <<<"$j"; then
     fail journal-fields "entry lacks a PRIORITY field: $j"
+  elif ! grep -q '"_TRANSPORT":"journal"' <<<"$j"; then
+    fail journal-fields "entry did not come through the native journal protocol: $j"
+  elif ! ct journalctl -b -u "$unit" --no-pager -o json PRIORITY=4 SYSLOG_IDENTIFIER=nixfleet-agent |
+         grep -q 'NIXFLEET_ALLOW_INSECURE_HTTP is set'; then
+    fail journal-fields "the NIXFLEET_ALLOW_INSECURE_HTTP warning is not in the journal at PRIORITY=4 (warning)"
   elif ! wait_until 15 pull_done; then
     fail journal-fields "pull never logged its end (no entry with NIXFLEET_COMMAND=pull and NIXFLEET_DURATION_MS after 15 s)"
   else
-    pass journal-fields "NIXFLEET_COMMAND=pull with SYSLOG_IDENTIFIER=nixfleet-agent, PRIORITY, NIXFLEET_DURATION_MS"
+    done_msg=$(ct journalctl -b -u "$unit" --no-pager -o cat NIXFLEET_COMMAND=pull | tail -1)
+    pass journal-fields "native entries with NIXFLEET_COMMAND=pull, SYSLOG_IDENTIFIER=nixfleet-agent, PRIORITY (warning=4), NIXFLEET_DURATION_MS; last: $done_msg"
   fi
 fi
 
@@ -227,11 +245,12 @@ fi
 wd_s=$(usec_to_s "$(prop WatchdogUSec)") restart_s=$(usec_to_s "$(prop RestartUSec)")
 pid=$(prop MainPID) n0=$(prop NRestarts)
 t0=$(date +%s.%N)
-ct kill -STOP "$pid"
+# Never "kill 0" (an empty MainPID would stop our own process group).
+[ "${pid:-0}" -gt 1 ] && ct kill -STOP "$pid"
 watchdog_logged() { journal | grep -Eq "Failed with result 'watchdog'|[Ww]atchdog timeout"; }
 if ! wait_until "$(awk -v a="$wd_s" 'BEGIN{print a+5}')" watchdog_logged; then
   fail watchdog "no \"Failed with result 'watchdog'\" within WatchdogSec+5 s ($(elapsed "$t0") s) after SIGSTOP of pid $pid"
-  ct kill -CONT "$pid" 2>/dev/null
+  [ "${pid:-0}" -gt 1 ] && ct kill -CONT "$pid" 2>/dev/null
 else
   wd_after=$(elapsed "$t0")
   if ! wait_until "$(awk -v a="$restart_s" 'BEGIN{print a+10}')" nrestarts_above "$n0"; then
@@ -263,7 +282,7 @@ fi
 # ---- 8. kill -9 -> restarted, lock taken by the new instance ----------------------------------
 pid=$(prop MainPID) n0=$(prop NRestarts)
 t0=$(date +%s.%N)
-ct kill -KILL "$pid"
+[ "${pid:-0}" -gt 1 ] && ct kill -KILL "$pid"
 lock_holder() { ct cat /run/nixfleet-agent/agent.lock 2>/dev/null | sed -n 's/^pid=//p'; }
 lock_is_new_main() { local p; p=$(prop MainPID); [ "$p" != 0 ] && [ "$(lock_holder)" = "$p" ]; }
 if ! wait_until "$(awk -v a="$restart_s" 'BEGIN{print a+10}')" nrestarts_above "$n0"; then

@@ -25,7 +25,7 @@ use std::io::{BufRead as _, BufReader, IsTerminal as _, Read};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -245,8 +245,12 @@ fn print_request(r: &RecordedRequest) {
     ui.printed.fetch_max(r.id, Ordering::SeqCst);
 }
 
-/// Prints the agent's log lines, without the timestamp (the demo prints its own).
-fn forward_agent_output(stream: impl Read + Send + 'static) {
+/// Set when the agent's stderr closes: it exited (or closed it, which it never does).
+static AGENT_GONE: AtomicBool = AtomicBool::new(false);
+
+/// Prints the agent's log lines, without the timestamp (the demo prints its own). `is_stderr`:
+/// end of this stream means the agent is gone.
+fn forward_agent_output(stream: impl Read + Send + 'static, is_stderr: bool) {
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines() {
             let Ok(line) = line else { break };
@@ -257,6 +261,9 @@ fn forward_agent_output(stream: impl Read + Send + 'static) {
                 _ => line.as_str(),
             };
             ui().source("agent", "33", trimmed);
+        }
+        if is_stderr {
+            AGENT_GONE.store(true, Ordering::SeqCst);
         }
     });
 }
@@ -278,15 +285,25 @@ fn wait_request(
     what: &str,
     pred: impl Fn(&RecordedRequest) -> bool,
 ) -> Result<RecordedRequest, String> {
-    common::wait_until(STEP_TIMEOUT, || {
-        printed_requests(dash).into_iter().find(|r| pred(r))
-    })
-    .ok_or_else(|| {
-        format!(
-            "gave up after {}s waiting for {what}",
-            STEP_TIMEOUT.as_secs()
-        )
-    })
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        if let Some(r) = printed_requests(dash).into_iter().find(|r| pred(r)) {
+            return Ok(r);
+        }
+        if AGENT_GONE.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+            return Err(format!(
+                "the agent exited while the demo waited for {what} (its log is above)"
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "gave up after {}s waiting for {what}",
+                STEP_TIMEOUT.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn status_output(r: &RecordedRequest) -> Option<String> {
@@ -560,10 +577,10 @@ fn script(agent_bin: &Path, root: &Path) -> Result<(), String> {
     );
     let mut agent = Agent::spawn(agent_bin, &vars, Output::Piped)?;
     if let Some(out) = agent.child.stdout.take() {
-        forward_agent_output(out);
+        forward_agent_output(out, false);
     }
     if let Some(err) = agent.child.stderr.take() {
-        forward_agent_output(err);
+        forward_agent_output(err, true);
     }
     ui.say(&format!("agent started, pid {}", agent.pid()));
 

@@ -105,97 +105,98 @@ fn wrapper_args(result: &Path, timeout: Duration, grace: Duration) -> Vec<String
     ]
 }
 
-/// Starts `switch` outside the agent. `id` makes the unit and file names unique.
-pub async fn launch(
-    runner: &Runner,
+/// Names the unit and result file of a switch about to be detached. The caller records this
+/// in the journal *before* [`launch`], so an agent killed at any moment after the launch
+/// leaves enough behind for the next instance to find the switch.
+pub fn plan(
     settings: &Settings,
     state_dir: &Path,
     isolation: Isolation,
     switch: &Cmd,
-    cancel: &CancellationToken,
 ) -> Result<Detached, String> {
-    let exe = std::env::current_exe()
-        .map_err(|e| format!("cannot find the agent's own executable: {e}"))?;
     let id = format!("{}-{}", now_unix(), std::process::id());
     let results = state_dir.join("switch");
     crate::store::ensure_private_dir(&results)
         .map_err(|e| format!("cannot create {}: {e}", results.display()))?;
-    let result_file = results.join(format!("{id}.json"));
+    // Past this, a switch without a result is given up as lost.
+    let deadline_unix =
+        now_unix() + switch.timeout.as_secs() + settings.timeouts.kill_grace.as_secs() + 60;
+    Ok(Detached {
+        unit: (isolation == Isolation::SystemdRun).then(|| format!("nixfleet-switch-{id}")),
+        pid: None,
+        result_file: results.join(format!("{id}.json")),
+        deadline_unix,
+    })
+}
+
+/// Starts `switch` outside the agent as `planned` says; fills in the wrapper's pid when known.
+pub async fn launch(
+    runner: &Runner,
+    settings: &Settings,
+    planned: &mut Detached,
+    switch: &Cmd,
+    cancel: &CancellationToken,
+) -> Result<(), String> {
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find the agent's own executable: {e}"))?;
     let timeouts = &settings.timeouts;
     let mut inner: Vec<std::ffi::OsString> =
-        wrapper_args(&result_file, switch.timeout, timeouts.kill_grace)
+        wrapper_args(&planned.result_file, switch.timeout, timeouts.kill_grace)
             .into_iter()
             .map(Into::into)
             .collect();
     inner.push(switch.program.clone());
     inner.extend(switch.args.iter().cloned());
-    // Past this, the result is given up as lost.
-    let deadline_unix = now_unix() + switch.timeout.as_secs() + timeouts.kill_grace.as_secs() + 60;
-    match isolation {
-        Isolation::SystemdRun => {
-            let unit = format!("nixfleet-switch-{id}");
-            let backstop = switch.timeout + timeouts.kill_grace + Duration::from_secs(30);
-            let mut cmd = Cmd::new(
-                "systemd-run",
-                &switch.cwd,
-                timeouts.git_local,
-                "systemd-run",
-            )
-            .arg(format!("--unit={unit}"))
-            .args(["--collect", "--quiet", "--service-type=exec"])
-            .arg(format!("--property=RuntimeMaxSec={}", backstop.as_secs()))
-            .arg(format!("--working-directory={}", switch.cwd.display()));
-            for (key, value) in runner.child_env() {
-                let mut pair = std::ffi::OsString::from("--setenv=");
-                pair.push(key);
-                pair.push("=");
-                pair.push(value);
-                cmd = cmd.arg(pair);
-            }
-            cmd = cmd.arg("--").arg(exe.as_os_str()).args(inner);
-            let outcome = runner
-                .run(cmd, cancel)
-                .await
-                .map_err(|e| format!("cannot start the switch unit: {e}"))?;
-            if !outcome.success() {
-                return Err(format!(
-                    "systemd-run failed (exit code {}): {}",
-                    outcome.exit_code(),
-                    outcome.output.trim()
-                ));
-            }
-            tracing::info!(unit = %unit, "switch runs in transient unit {unit} (systemd-run)");
-            Ok(Detached {
-                unit: Some(unit),
-                pid: None,
-                result_file,
-                deadline_unix,
-            })
+    if let Some(unit) = &planned.unit {
+        let backstop = switch.timeout + timeouts.kill_grace + Duration::from_secs(30);
+        let mut cmd = Cmd::new(
+            "systemd-run",
+            &switch.cwd,
+            timeouts.git_local,
+            "systemd-run",
+        )
+        .arg(format!("--unit={unit}"))
+        .args(["--collect", "--quiet", "--service-type=exec"])
+        .arg(format!("--property=RuntimeMaxSec={}", backstop.as_secs()))
+        .arg(format!("--working-directory={}", switch.cwd.display()));
+        for (key, value) in runner.child_env() {
+            let mut pair = std::ffi::OsString::from("--setenv=");
+            pair.push(key);
+            pair.push("=");
+            pair.push(value);
+            cmd = cmd.arg(pair);
         }
-        Isolation::Session => {
-            let cmd = Cmd::new(
-                exe.as_os_str(),
-                &switch.cwd,
-                switch.timeout,
-                "switch-wrapper",
-            )
-            .args(inner);
-            let pid = runner
-                .spawn_detached(&cmd)
-                .map_err(|e| format!("cannot start the switch wrapper: {e}"))?;
-            tracing::info!(
-                pid,
-                "switch runs in its own session (pid {pid}), detached from the agent"
-            );
-            Ok(Detached {
-                unit: None,
-                pid: Some(pid),
-                result_file,
-                deadline_unix,
-            })
+        cmd = cmd.arg("--").arg(exe.as_os_str()).args(inner);
+        let outcome = runner
+            .run(cmd, cancel)
+            .await
+            .map_err(|e| format!("cannot start the switch unit: {e}"))?;
+        if !outcome.success() {
+            return Err(format!(
+                "systemd-run failed (exit code {}): {}",
+                outcome.exit_code(),
+                outcome.output.trim()
+            ));
         }
-        Isolation::InProcess => Err("in-process switches are not detached".into()),
+        tracing::info!(unit = %unit, "switch runs in transient unit {unit} (systemd-run)");
+    } else {
+        let cmd = Cmd::new(
+            exe.as_os_str(),
+            &switch.cwd,
+            switch.timeout,
+            "switch-wrapper",
+        )
+        .args(inner);
+        let pid = runner
+            .spawn_detached(&cmd)
+            .map_err(|e| format!("cannot start the switch wrapper: {e}"))?;
+        planned.pid = Some(pid);
+        tracing::info!(
+            pid,
+            "switch runs in its own session (pid {pid}), detached from the agent"
+        );
     }
+    Ok(())
 }
 
 /// How waiting for a detached switch ended.

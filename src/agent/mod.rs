@@ -490,6 +490,8 @@ impl<T: Transport> Agent<T> {
         match event {
             ExecEvent::Step { label, timeout } => {
                 if let Some(running) = &mut self.running {
+                    // On disk first: whoever sees the log line may rely on the journal.
+                    self.journal.step(&label);
                     tracing::info!(
                         NIXFLEET_COMMAND = %running.name,
                         NIXFLEET_STEP = %label,
@@ -499,7 +501,6 @@ impl<T: Transport> Agent<T> {
                     running.step = label;
                     running.step_started = Instant::now();
                     running.step_timeout = timeout;
-                    self.journal.step(&running.step);
                 }
             }
             ExecEvent::Report(report) => {
@@ -511,11 +512,12 @@ impl<T: Transport> Agent<T> {
                     .map(|r| r.journal_id);
                 self.outbox.push(report, tag);
             }
-            ExecEvent::Detached(detached) => {
+            ExecEvent::Detached(detached, recorded) => {
                 self.journal.detach(detached.clone());
                 if let Some(running) = &mut self.running {
                     running.detached = Some(detached);
                 }
+                let _ = recorded.send(());
             }
             ExecEvent::Facts(os) => self.os = os,
             ExecEvent::Finished { exit, left_running } => {

@@ -101,6 +101,10 @@ impl Outbox {
             && let Some(last) = self.entries.back_mut()
             && last.report.is_intermediate()
         {
+            // A new id: if the old one is in flight right now, its delivery must not remove
+            // this newer progress (`pop` matches ids).
+            self.next_id += 1;
+            last.id = self.next_id;
             last.report = report;
             self.persist();
             return;

@@ -37,8 +37,9 @@ pub enum ExecEvent {
     },
     /// A report to deliver, in order.
     Report(Report),
-    /// The switch now runs outside the agent (see `detach`); record it in the journal.
-    Detached(crate::detach::Detached),
+    /// The switch runs (or is about to run) outside the agent (see `detach`): record it in
+    /// the journal, then answer on the channel so the command knows it is on disk.
+    Detached(crate::detach::Detached, tokio::sync::oneshot::Sender<()>),
     /// OS facts changed (after a switch): new values for the heartbeat.
     Facts(crate::facts::OsFacts),
     /// The command is over. `exit` asks the agent to exit with that code once its reports are
@@ -143,6 +144,18 @@ impl Context {
     /// The config repo's HEAD, read without a child process.
     pub(crate) fn generation(&self) -> Option<String> {
         self.repo_dir().and_then(read_git_head)
+    }
+
+    /// Has the main loop record a detached switch in the journal, and waits until it did.
+    pub(crate) async fn record_detached(&self, detached: crate::detach::Detached) {
+        let (done, recorded) = tokio::sync::oneshot::channel();
+        if self
+            .events
+            .send(ExecEvent::Detached(detached, done))
+            .is_ok()
+        {
+            let _ = recorded.await;
+        }
     }
 
     pub(crate) fn step(&self, label: &str, timeout: Option<Duration>) {

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Context, ExecEvent, git, require_repo};
+use super::{Context, git, require_repo};
 use crate::config::{RepoMode, SwitchMode};
 use crate::detach::{self, Detached, Isolation};
 use crate::exec::Cmd;
@@ -127,20 +127,16 @@ pub(super) async fn switch(ctx: &Context) -> SwitchResult {
         }
         isolation => {
             ctx.step("Switch", Some(cmd.timeout));
-            match detach::launch(
-                &ctx.runner,
-                &ctx.settings,
-                &ctx.state_dir,
-                isolation,
-                &cmd,
-                &ctx.cancel,
-            )
-            .await
-            {
-                Ok(detached) => {
-                    let _ = ctx.events.send(ExecEvent::Detached(detached.clone()));
-                    await_detached(ctx, &detached).await
-                }
+            let launched = async {
+                let mut planned = detach::plan(&ctx.settings, &ctx.state_dir, isolation, &cmd)?;
+                // The journal must know about the switch before it exists.
+                ctx.record_detached(planned.clone()).await;
+                detach::launch(&ctx.runner, &ctx.settings, &mut planned, &cmd, &ctx.cancel).await?;
+                ctx.record_detached(planned.clone()).await;
+                Ok::<_, String>(planned)
+            };
+            match launched.await {
+                Ok(detached) => await_detached(ctx, &detached).await,
                 Err(message) => {
                     ctx.error(&format!("Switch failed: {message}"));
                     SwitchResult::failed()

@@ -44,12 +44,25 @@ pub fn client_config(settings: &Settings) -> anyhow::Result<rustls::ClientConfig
             );
         }
     }
-    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .context("failed to set up certificate verification")?;
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .context("TLS protocol setup")?;
+    if roots.is_empty() {
+        if settings.url.scheme() == "https" {
+            anyhow::bail!(
+                "no trusted CA certificates: the system store is empty or missing; set \
+                 SSL_CERT_FILE or NIXFLEET_CA_FILE to a PEM bundle"
+            );
+        }
+        // Plain http (explicitly allowed): TLS is never used, but the client needs a config.
+        return Ok(builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoTrustedRoots(provider)))
+            .with_no_client_auth());
+    }
+    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .context("failed to set up certificate verification")?;
     let config = if settings.pinned_pubkeys.is_empty() {
         builder.with_webpki_verifier(webpki).with_no_client_auth()
     } else {
@@ -62,6 +75,46 @@ pub fn client_config(settings: &Settings) -> anyhow::Result<rustls::ClientConfig
             .with_no_client_auth()
     };
     Ok(config)
+}
+
+/// Refuses every certificate: used only when there is no trust anchor at all and the URL is
+/// plain http, so a redirect to https can never succeed unverified.
+#[derive(Debug)]
+struct NoTrustedRoots(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoTrustedRoots {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        Err(TlsError::General("no trusted CA certificates".into()))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        Err(TlsError::General("no trusted CA certificates".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        Err(TlsError::General("no trusted CA certificates".into()))
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// Verifies the chain like webpki, then requires the leaf's SubjectPublicKeyInfo hash to be

@@ -323,6 +323,28 @@ mod tests {
     }
 
     #[test]
+    fn a_ping_just_missed_is_sent_within_three_quarters_of_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let (listener, path) = path_listener(&dir);
+        let usec = Duration::from_millis(200);
+        let mut n = Notifier::from_values(Some(&path), Some("200000"), None);
+        let loop_period = n.watchdog_interval().unwrap();
+
+        let t0 = Instant::now();
+        n.watchdog_tick_at(t0);
+        assert_eq!(listener.recv(), "WATCHDOG=1");
+        // An iteration woken by some event 1 ms before the ping is due sends nothing; the loop's
+        // next timer iteration comes `loop_period` later and must ping, well before systemd's
+        // deadline (with a loop period of half the timeout the gap would be the whole timeout).
+        let missed = t0 + usec / 2 - Duration::from_millis(1);
+        n.watchdog_tick_at(missed);
+        listener.assert_silent();
+        n.watchdog_tick_at(missed + loop_period);
+        assert_eq!(listener.recv(), "WATCHDOG=1");
+        assert!(missed + loop_period - t0 < usec * 3 / 4);
+    }
+
+    #[test]
     fn watchdog_pid_of_another_process_disables_pings() {
         let dir = tempfile::tempdir().unwrap();
         let (listener, path) = path_listener(&dir);

@@ -116,6 +116,12 @@ fn kill_9_during_a_test_run_is_reported_interrupted_once() {
         h.statuses(),
         agent.log()
     );
+    // The agent records the delivery right after the dashboard's 2xx; a kill -9 inside that
+    // window (no request ids in v1) would send the report again, so kill after it.
+    let outbox = h.state_dir.join("outbox.json");
+    assert!(wait_until(T, || !std::fs::read_to_string(&outbox)
+        .unwrap_or_default()
+        .contains("was interrupted")));
     drop(agent);
     let _agent = h.spawn();
     std::thread::sleep(Duration::from_secs(2));

@@ -19,7 +19,8 @@
 //! - `supervisor`: sd-notify over path and abstract sockets (READY after the lock, STATUS,
 //!   WATCHDOG stopping under SIGSTOP and a wedged loop, WATCHDOG_PID, STOPPING), stall exit 70,
 //!   the instance lock (refusal 75, release after kill -9, verified takeover, unrelated holders
-//!   never signalled), exit 73 without a directory, timestamped logs outside journald.
+//!   never signalled), exit 73 without a directory, timestamped logs outside journald, SIGTERM
+//!   at the first notification is a clean stop.
 
 #![allow(
     clippy::disallowed_methods,

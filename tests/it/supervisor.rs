@@ -9,7 +9,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -46,6 +46,8 @@ struct NotifyListener {
     seen: Arc<Mutex<Vec<Datagram>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// When set to a pid, the listener thread sends it SIGTERM the moment a datagram arrives.
+    term_on_datagram: Arc<AtomicI32>,
 }
 
 static ABSTRACT_COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -79,8 +81,10 @@ impl NotifyListener {
             .unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        let term_on_datagram = Arc::new(AtomicI32::new(0));
         let thread = {
             let (seen, stop) = (seen.clone(), stop.clone());
+            let term_on_datagram = term_on_datagram.clone();
             let lock_file = lock_file.to_path_buf();
             std::thread::spawn(move || {
                 let mut buf = vec![0u8; 64 * 1024];
@@ -88,6 +92,11 @@ impl NotifyListener {
                     match socket.recv(&mut buf) {
                         Ok(n) => {
                             let at = Instant::now();
+                            let pid = term_on_datagram.load(Ordering::SeqCst);
+                            if pid > 0 {
+                                // SAFETY: kill(2) on the test's own agent child.
+                                unsafe { libc::kill(pid, libc::SIGTERM) };
+                            }
                             let lock = lock_snapshot(&lock_file);
                             let text = String::from_utf8_lossy(&buf[..n]).into_owned();
                             seen.lock().unwrap().push(Datagram { at, text, lock });
@@ -107,6 +116,7 @@ impl NotifyListener {
             seen,
             stop,
             thread: Some(thread),
+            term_on_datagram,
         }
     }
 
@@ -260,11 +270,10 @@ impl Drop for Helper {
 fn spawn_notified(h: &mut Harness, listener: &NotifyListener) -> (AgentProcess, Datagram) {
     h.set("NOTIFY_SOCKET", listener.env.clone());
     h.set("WATCHDOG_USEC", "1000000");
+    let started = Instant::now();
     let agent = h.spawn();
     let ready = listener
-        .wait_after(Instant::now() - Duration::from_secs(60), T, |d| {
-            d.text.lines().any(|l| l == "READY=1")
-        })
+        .wait_after(started, T, |d| d.text.lines().any(|l| l == "READY=1"))
         .unwrap_or_else(|| panic!("no READY=1\n{}\n{}", listener.describe(), agent.log()));
     (agent, ready)
 }
@@ -738,6 +747,12 @@ fn without_journald_log_lines_have_timestamps_and_levels() {
         h.dash.set_mode(Mode::Down); // a WARN line too
         let mut agent = h.spawn();
         assert!(agent.wait_log(T, "connection refused"), "{}", agent.log());
+        h.dash.set_mode(Mode::Normal);
+        assert!(
+            agent.wait_log(T, "dashboard reachable again"),
+            "{}",
+            agent.log()
+        );
         agent.signal(libc::SIGTERM);
         agent.wait_exit(T).expect("exits after SIGTERM");
         let log = agent.log();
@@ -753,5 +768,39 @@ fn without_journald_log_lines_have_timestamps_and_levels() {
             "{log}"
         );
         assert!(lines.iter().any(|l| l.contains("  WARN ")), "{log}");
+    }
+}
+
+/// systemd may stop the agent the moment it hears from it. The SIGTERM handler must already be
+/// installed then: it used to be installed by a task first polled after READY=1, so this SIGTERM
+/// killed the agent outright (no STOPPING=1, status "killed by signal 15").
+#[test]
+fn sigterm_as_soon_as_the_agent_talks_to_systemd_is_a_clean_stop() {
+    for _ in 0..10 {
+        let mut h = Harness::new();
+        let listener = NotifyListener::path(h.tmp.path(), &lock_file(&h));
+        h.set("NOTIFY_SOCKET", listener.env.clone());
+        let started = Instant::now();
+        let mut agent = h.spawn();
+        listener
+            .term_on_datagram
+            .store(agent.pid(), Ordering::SeqCst);
+        let status = agent.wait_exit(T).expect("agent exits after SIGTERM");
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{status:?}\n{}\n{}",
+            listener.describe(),
+            agent.log()
+        );
+        assert!(
+            listener
+                .wait_after(started, Duration::from_secs(2), |d| d
+                    .text
+                    .starts_with("STOPPING=1"))
+                .is_some(),
+            "{}",
+            listener.describe()
+        );
     }
 }

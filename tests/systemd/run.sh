@@ -8,7 +8,7 @@
 #                          or $CARGO_TARGET_DIR/debug)
 #       KEEP_LOGS=1        keep the work folder (journal dumps) even when everything passed
 # /etc/ssl is bound read-only: the agent wants CA roots even for an http:// URL.
-# Needs: systemd-nspawn (Debian: systemd-container), curl. Installs nothing. About 40 s.
+# Needs: systemd-nspawn (Debian: systemd-container), curl. Installs nothing. About 25 s.
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -125,9 +125,12 @@ ct sh -ec '
 # The shipped unit, unchanged but for the binary path. The credential source
 # (/etc/nixfleet-agent/token) and the EnvironmentFile are written at their shipped paths: /etc is
 # the container's own tmpfs.
-sed 's|^ExecStart=/usr/local/bin/nixfleet-agent|ExecStart=/opt/ci/nixfleet-agent|' "$unit_src" > "$work/$unit"
-grep -q '^ExecStart=/opt/ci/nixfleet-agent' "$work/$unit" \
-  || setup_fail "could not rewrite ExecStart= in $unit_src (expected ExecStart=/usr/local/bin/nixfleet-agent ...)"
+sed -E 's|^ExecStart=([-@:+!]*)/[^ ]*/nixfleet-agent( \|$)|ExecStart=\1/opt/ci/nixfleet-agent\2|' \
+  "$unit_src" > "$work/$unit"
+grep -q '^ExecStart=[-@:+!]*/opt/ci/nixfleet-agent' "$work/$unit" \
+  || setup_fail "could not rewrite ExecStart= in $unit_src (expected ExecStart=/some/path/nixfleet-agent ...)"
+[ "$(diff "$unit_src" "$work/$unit" | grep -c '^[<>]')" = 2 ] \
+  || setup_fail "the path substitution changed more than the ExecStart= line: $(diff "$unit_src" "$work/$unit")"
 ct mkdir -p /etc/systemd/system/$unit.d /etc/nixfleet-agent
 ct sh -c "cat > /etc/systemd/system/$unit" < "$work/$unit"
 ct sh -c 'umask 077; cat > /etc/nixfleet-agent/token' <<<"shared-secret-token"
@@ -142,7 +145,7 @@ EOF
 ct sh -c "cat > /etc/systemd/system/$unit.d/10-ci.conf" <<'EOF'
 [Service]
 Environment=NIXFLEET_INTERVAL=2
-WatchdogSec=3
+WatchdogSec=4
 EOF
 ct systemctl daemon-reload || setup_fail "daemon-reload failed"
 
@@ -217,6 +220,7 @@ fi
 # ---- 5. a pull command, and its structured journal fields -------------------------------------
 out=$(control POST /_fake/command/cthost '{"command":"pull","force":true}' 2>&1)
 pull_entry() { ct journalctl -b -u "$unit" --no-pager -o json NIXFLEET_COMMAND=pull | grep -q NIXFLEET_COMMAND; }
+pull_reported() { control GET /_fake/logs/cthost | grep -q '"command":"pull","status":"ok"'; }
 pull_done() { ct journalctl -b -u "$unit" --no-pager -o json NIXFLEET_COMMAND=pull | grep -q NIXFLEET_DURATION_MS; }
 if ! grep -q '"forced"' <<<"$out"; then
   fail journal-fields "queueing pull through the control API failed: $out"
@@ -235,6 +239,8 @@ else
     fail journal-fields "the NIXFLEET_ALLOW_INSECURE_HTTP warning is not in the journal at PRIORITY=4 (warning)"
   elif ! wait_until 15 pull_done; then
     fail journal-fields "pull never logged its end (no entry with NIXFLEET_COMMAND=pull and NIXFLEET_DURATION_MS after 15 s)"
+  elif ! wait_until 10 pull_reported; then
+    fail journal-fields "the dashboard's log for cthost has no finished pull after 10 s: $(control GET /_fake/logs/cthost)"
   else
     done_msg=$(ct journalctl -b -u "$unit" --no-pager -o cat NIXFLEET_COMMAND=pull | tail -1)
     pass journal-fields "native entries with NIXFLEET_COMMAND=pull, SYSLOG_IDENTIFIER=nixfleet-agent, PRIORITY (warning=4), NIXFLEET_DURATION_MS; last: $done_msg"

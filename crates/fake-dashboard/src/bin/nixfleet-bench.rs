@@ -633,7 +633,7 @@ Numbers depend a lot on the build profile; for representative ones:
         if let (Some(a), Some(b)) = (pid_counter_before, pid_counter_after) {
             row(
                 "  system pid counter advanced by",
-                &b.saturating_sub(a).to_string(),
+                &procfs::pids_between(a, b).to_string(),
                 "last pid in /proc/loadavg: every process and thread on the machine, not only \
                  the agent's",
             );
@@ -1046,6 +1046,20 @@ mod procfs {
             .last()?
             .parse()
             .ok()
+    }
+
+    /// Pids allocated from `before` to `after` (the last pid values), across one wrap at
+    /// `kernel.pid_max`.
+    pub fn pids_between(before: u64, after: u64) -> u64 {
+        if after >= before {
+            return after - before;
+        }
+        let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(32768);
+        // Pids restart at 300 after a wrap (RESERVED_PIDS).
+        (pid_max - before) + after.saturating_sub(300)
     }
 
     pub fn ticks_per_second() -> u64 {

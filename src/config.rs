@@ -106,6 +106,7 @@ settings_table! {
     "switch_mode" => "NIXFLEET_SWITCH_MODE";
     "switch_isolation" => "NIXFLEET_SWITCH_ISOLATION";
     "switch_lock" => "NIXFLEET_SWITCH_LOCK";
+    "agent_path" => "NIXFLEET_AGENT_PATH";
     "state_dir" => "NIXFLEET_STATE_DIR", "--state-dir";
     "runtime_dir" => "NIXFLEET_RUNTIME_DIR", "--runtime-dir";
     "log" => "NIXFLEET_LOG";
@@ -410,6 +411,9 @@ pub struct Settings {
     pub switch_isolation: SwitchIsolation,
     /// The lock a manual `nixos-rebuild switch` holds; the agent never switches concurrently.
     pub switch_lock: PathBuf,
+    /// The binary the supervisor starts next time; after a switch, a different file here
+    /// means "exit 10 and let the supervisor start the new one".
+    pub agent_path: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub runtime_dir: Option<PathBuf>,
     pub log_filter: Option<String>,
@@ -765,7 +769,8 @@ impl Settings {
             raw,
             "stall_timeout",
             Duration::from_secs(300),
-            Duration::from_millis(200),
+            // The idle loop beats once a second; less than 2 s would kill a healthy agent.
+            Duration::from_secs(2),
             Duration::from_secs(86_400),
         )?;
         let shutdown_grace = duration_setting(
@@ -972,6 +977,7 @@ impl Settings {
             switch_isolation,
             switch_lock: path_setting("switch_lock")?
                 .unwrap_or_else(|| PathBuf::from("/run/nixos/switch-to-configuration.lock")),
+            agent_path: path_setting("agent_path")?,
             state_dir: path_setting("state_dir")?,
             runtime_dir: path_setting("runtime_dir")?,
             log_filter: raw.get("log").map(|v| v.value.trim().to_string()),

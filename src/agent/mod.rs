@@ -409,6 +409,9 @@ impl<T: Transport> Agent<T> {
             cancel_at: Instant::now() + grace,
             flush_until: None,
         });
+        // Tell systemd at once, not only when the last report is out.
+        let line = self.status_line();
+        self.notifier.stopping(&line);
         if let Some(running) = &self.running {
             tracing::info!(
                 "waiting up to {} for {} to finish",

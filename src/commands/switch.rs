@@ -192,7 +192,11 @@ async fn await_detached(ctx: &Context, detached: &Detached) -> SwitchResult {
 
 fn report_success(ctx: &Context, text: &str) -> SwitchResult {
     ctx.ok(&format!("Switch: {text}"));
-    let exit = binary_replaced(own_executable().as_deref()).then(|| {
+    let installed = ctx.settings.agent_path.clone().or_else(|| {
+        let system = PathBuf::from("/run/current-system/sw/bin/nixfleet-agent");
+        system.exists().then_some(system)
+    });
+    let exit = binary_replaced(installed.as_deref(), own_executable().as_deref()).then(|| {
         tracing::info!("the switch installed a new agent binary; restarting into it");
         crate::exit::RESTART_NEW_BINARY
     });
@@ -251,16 +255,9 @@ fn own_executable() -> Option<PathBuf> {
     std::env::current_exe().ok()
 }
 
-/// True when the stable install path now resolves to another file than the running binary.
-fn binary_replaced(running: Option<&Path>) -> bool {
-    let Some(running) = running else { return false };
-    let installed = std::env::var_os("NIXFLEET_AGENT_PATH")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let system = PathBuf::from("/run/current-system/sw/bin/nixfleet-agent");
-            system.exists().then_some(system)
-        });
-    let Some(installed) = installed else {
+/// True when the install path now resolves to another file than the running binary.
+fn binary_replaced(installed: Option<&Path>, running: Option<&Path>) -> bool {
+    let (Some(installed), Some(running)) = (installed, running) else {
         return false;
     };
     match (installed.canonicalize(), running.canonicalize()) {

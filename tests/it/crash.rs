@@ -300,3 +300,26 @@ fn chaos_random_kill_9_every_command_gets_exactly_one_final_report() {
     let rows = h.dash.command_log(HOST);
     assert!(rows.iter().all(|r| r.completed_at.is_some()), "{rows:#?}");
 }
+
+#[test]
+fn switch_that_installs_a_new_agent_binary_reports_then_exits_10() {
+    let mut h = Harness::new();
+    h.legacy_repo();
+    h.set("NIXFLEET_SWITCH_ISOLATION", "none");
+    let installed = h.tmp.path().join("installed-nixfleet-agent");
+    std::fs::copy(env!("CARGO_BIN_EXE_nixfleet-agent"), &installed).unwrap();
+    h.set("NIXFLEET_AGENT_PATH", installed.display().to_string());
+    h.stand_in("nixos-rebuild", "echo switched");
+    let mut agent = h.spawn();
+    assert!(wait_until(T, || !h.requests(Endpoint::Register).is_empty()));
+    h.dash.force_command(HOST, "switch");
+    let status = agent.wait_exit(T).expect("agent exits after the switch");
+    assert_eq!(status.code(), Some(10), "{}", agent.log());
+    // Reported before exiting.
+    assert!(
+        h.statuses().iter().any(|s| s == "Switch: switched"),
+        "{:?}",
+        h.statuses()
+    );
+    assert!(agent.log().contains("new agent binary"), "{}", agent.log());
+}

@@ -643,7 +643,7 @@ fn stopped_stale_agent_is_verified_terminated_and_replaced() {
 #[test]
 fn unrelated_lock_holder_and_recorded_pid_are_never_signalled() {
     let mut h = Harness::new();
-    h.set("NIXFLEET_STALL_TIMEOUT", "1");
+    h.set("NIXFLEET_STALL_TIMEOUT", "2");
     fs::create_dir_all(&h.runtime_dir).unwrap();
     let lock = lock_file(&h);
     // The lock is held by util-linux flock, which is not an agent.

@@ -170,7 +170,11 @@ elif [ $rc -ne 0 ]; then
 elif [ "$state" != active/running ]; then
   fail start-ready "state right after 'systemctl start' returned is $state, not active/running (returned before READY=1?)"
 else
-  # The agent's own "starting" line must precede systemd's "Started ..." (sent on READY=1).
+  # The agent's own "starting" line must precede systemd's "Started ..." (logged on READY=1).
+  # Both go through the journal socket, so their order there is the order they were sent;
+  # journald may still be catching up, hence the wait.
+  started_logged() { journal | grep -q '^Started '; }
+  wait_until 5 started_logged
   lines=$(journal)
   n_starting=$(grep -n 'nixfleet-agent starting' <<<"$lines" | head -1 | cut -d: -f1)
   n_started=$(grep -n '^Started ' <<<"$lines" | head -1 | cut -d: -f1)

@@ -40,6 +40,19 @@ _ct_cgroups() {
   return 0
 }
 
+# Prints the pid of a child of $1 whose command name is $2 (pgrep -P $1 -x $2, without procps).
+_ct_child_named() {
+  local f st rest
+  for f in /proc/[0-9]*/stat; do
+    read -r st < "$f" 2>/dev/null || continue
+    rest=${st##*) }                      # "state ppid ..." after "pid (comm) "
+    set -- "$1" "$2" $rest
+    [ "$4" = "$1" ] || continue
+    [ "$(cat "${f%/stat}/comm" 2>/dev/null)" = "$2" ] && { echo "${st%% *}"; return 0; }
+  done
+  return 0
+}
+
 ct_boot() {
   CT_NAME=$1; shift
   command -v systemd-nspawn >/dev/null || {
@@ -56,7 +69,7 @@ ct_boot() {
   CT_NSPAWN_PID=$!
   local i
   for i in $(seq 100); do
-    CT_LEADER=$(pgrep -P "$CT_NSPAWN_PID" -x systemd || true)
+    CT_LEADER=$(_ct_child_named "$CT_NSPAWN_PID" systemd)
     [ -n "$CT_LEADER" ] && break
     kill -0 "$CT_NSPAWN_PID" 2>/dev/null || { cat "$CT_LOG" >&2; return 1; }
     sleep 0.1

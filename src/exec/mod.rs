@@ -354,14 +354,40 @@ impl Runner {
     /// hosts without systemd, which enforces its own timeout and writes its own result. A
     /// thread reaps it if it ends while the agent lives. Returns its pid.
     pub fn spawn_detached(&self, cmd: &Cmd) -> Result<u32, SpawnError> {
-        let io_err = |source| SpawnError::Io {
-            program: cmd.program.to_string_lossy().into_owned(),
-            source,
-        };
+        let mut command = self.command(cmd)?;
+        command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        sys::detach(&mut command);
+        let mut child = command
+            .spawn()
+            .map_err(|source| spawn_io_error(cmd, source))?;
+        let pid = child.id();
+        let _ = std::thread::Builder::new()
+            .name("detached-reaper".into())
+            .spawn(move || {
+                let _ = child.wait();
+            });
+        Ok(pid)
+    }
+
+    /// The `Command` for `cmd`, as every child gets it: resolved program, explicit cwd (which
+    /// must exist), cleared environment plus the allowlist and the caller's non-denied
+    /// variables, stdin from /dev/null. Output and process group are the caller's business.
+    fn command(&self, cmd: &Cmd) -> Result<std::process::Command, SpawnError> {
         let extra: Vec<(OsString, OsString)> = cmd
             .env
             .iter()
-            .filter(|(key, _)| !env::is_denied(key))
+            .filter(|(key, _)| {
+                let denied = env::is_denied(key);
+                if denied {
+                    tracing::warn!(
+                        label = %cmd.label, key = ?key,
+                        "not passing a denied variable to a child"
+                    );
+                }
+                !denied
+            })
             .cloned()
             .collect();
         let program = resolve_program(
@@ -369,6 +395,17 @@ impl Runner {
             &cmd.cwd,
             env::effective_path(&self.env, &extra),
         )?;
+        // Checked here because a missing directory fails the spawn with the same ENOENT as a
+        // missing program, which would send whoever reads the error after the wrong thing.
+        if !cmd.cwd.is_dir() {
+            return Err(spawn_io_error(
+                cmd,
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("working directory {} does not exist", cmd.cwd.display()),
+                ),
+            ));
+        }
         #[expect(
             clippy::disallowed_methods,
             reason = "this is exec::Runner, the one place allowed to create a Command"
@@ -380,18 +417,8 @@ impl Runner {
             .env_clear()
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .envs(extra.iter().map(|(k, v)| (k, v)))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        sys::detach(&mut command);
-        let mut child = command.spawn().map_err(io_err)?;
-        let pid = child.id();
-        let _ = std::thread::Builder::new()
-            .name("detached-reaper".into())
-            .spawn(move || {
-                let _ = child.wait();
-            });
-        Ok(pid)
+            .stdin(std::process::Stdio::null());
+        Ok(command)
     }
 
     /// SIGTERM to the group, wait `kill_grace` for the leader, SIGKILL to the group, wait for
@@ -427,56 +454,12 @@ impl Runner {
     /// `Command` holds the pipe's write ends and must be gone before the first read, or the
     /// pipe never reports end-of-file.
     fn spawn(&self, cmd: &Cmd) -> Result<(std::process::Child, sys::OutputPipe), SpawnError> {
-        let program_name = || cmd.program.to_string_lossy().into_owned();
-        let io_err = |source| SpawnError::Io {
-            program: program_name(),
-            source,
-        };
-        let extra: Vec<(OsString, OsString)> = cmd
-            .env
-            .iter()
-            .filter(|(key, _)| {
-                let denied = env::is_denied(key);
-                if denied {
-                    tracing::warn!(
-                        label = %cmd.label, key = ?key,
-                        "not passing a denied variable to a child"
-                    );
-                }
-                !denied
-            })
-            .cloned()
-            .collect();
-        let program = resolve_program(
-            &cmd.program,
-            &cmd.cwd,
-            env::effective_path(&self.env, &extra),
-        )?;
-        // Checked here because a missing directory fails the spawn with the same ENOENT as a
-        // missing program, which would send whoever reads the error after the wrong thing.
-        if !cmd.cwd.is_dir() {
-            return Err(io_err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("working directory {} does not exist", cmd.cwd.display()),
-            )));
-        }
+        let io_err = |source| spawn_io_error(cmd, source);
+        let mut command = self.command(cmd)?;
         let (reader, writer) = io::pipe().map_err(io_err)?;
         let second_writer = writer.try_clone().map_err(io_err)?;
 
-        #[expect(
-            clippy::disallowed_methods,
-            reason = "this is exec::Runner, the one place allowed to create a Command"
-        )]
-        let mut command = std::process::Command::new(&program);
-        command
-            .args(&cmd.args)
-            .current_dir(&cmd.cwd)
-            .env_clear()
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .envs(extra.iter().map(|(k, v)| (k, v)))
-            .stdin(std::process::Stdio::null())
-            .stdout(writer)
-            .stderr(second_writer);
+        command.stdout(writer).stderr(second_writer);
         sys::configure(&mut command, &cmd.program);
         let spawned = command.spawn();
         // Closes the parent's copies of the write end (see above).
@@ -492,6 +475,13 @@ impl Runner {
                 Err(io_err(source))
             }
         }
+    }
+}
+
+fn spawn_io_error(cmd: &Cmd, source: io::Error) -> SpawnError {
+    SpawnError::Io {
+        program: cmd.program.to_string_lossy().into_owned(),
+        source,
     }
 }
 

@@ -323,3 +323,77 @@ fn switch_that_installs_a_new_agent_binary_reports_then_exits_10() {
     );
     assert!(agent.log().contains("new agent binary"), "{}", agent.log());
 }
+
+/// Holds an flock on `path` in one child process (like `switch-to-configuration` does) until
+/// it is killed.
+fn hold_lock(path: &std::path::Path) -> std::process::Child {
+    let mut child = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import fcntl, sys, time\n\
+             f = open(sys.argv[1], 'w')\n\
+             fcntl.flock(f, fcntl.LOCK_EX)\n\
+             print('locked', flush=True)\n\
+             time.sleep(1000)",
+            path.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
+    child
+}
+
+#[test]
+fn switch_waits_for_a_manual_switch_holding_the_lock() {
+    let mut h = Harness::new();
+    h.legacy_repo();
+    let lock = h.tmp.path().join("switch-to-configuration.lock");
+    std::fs::write(&lock, "").unwrap();
+    h.set("NIXFLEET_SWITCH_LOCK", lock.display().to_string());
+    h.stand_in("nixos-rebuild", "echo switched");
+    let mut manual = hold_lock(&lock);
+    let agent = h.spawn();
+    assert!(wait_until(T, || !h.requests(Endpoint::Register).is_empty()));
+    h.dash.force_command(HOST, "switch");
+    assert!(
+        agent.wait_log(T, "another switch is running; waiting for it"),
+        "{}",
+        agent.log()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(h.calls("nixos-rebuild").is_empty(), "switched concurrently");
+    manual.kill().unwrap();
+    manual.wait().unwrap();
+    assert!(h.wait_status(T, "Switch: switched"), "{:?}", h.statuses());
+    assert_eq!(h.calls("nixos-rebuild").len(), 1);
+}
+
+#[test]
+fn switch_gives_up_when_a_manual_switch_holds_the_lock_too_long() {
+    let mut h = Harness::new();
+    h.legacy_repo();
+    let lock = h.tmp.path().join("switch-to-configuration.lock");
+    std::fs::write(&lock, "").unwrap();
+    h.set("NIXFLEET_SWITCH_LOCK", lock.display().to_string());
+    h.set("NIXFLEET_SWITCH_TIMEOUT", "2");
+    h.stand_in("nixos-rebuild", "echo switched");
+    let mut manual = hold_lock(&lock);
+    let _agent = h.spawn();
+    assert!(wait_until(T, || !h.requests(Endpoint::Register).is_empty()));
+    h.dash.force_command(HOST, "switch");
+    assert!(
+        h.wait_status(T, "Switch failed: another switch is running"),
+        "{:?}",
+        h.statuses()
+    );
+    assert!(h.calls("nixos-rebuild").is_empty());
+    manual.kill().unwrap();
+    manual.wait().unwrap();
+}

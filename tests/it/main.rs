@@ -15,7 +15,8 @@
 //! - `resilience`: dashboard down then up, hanging, garbage and oversized replies, 500, 422,
 //!   heartbeats during a long command, commands queued while busy, TLS with CA file and pin.
 //! - `crash`: kill -9 during a detached switch and a test run, outbox across restarts, corrupt
-//!   state files, queued commands after a crash, a bounded chaos run.
+//!   state files, queued commands after a crash, a bounded chaos run, exit 10 after a switch
+//!   that installed a new binary, waiting for a manual switch that holds its lock.
 //! - `supervisor`: sd-notify over path and abstract sockets (READY after the lock, STATUS,
 //!   WATCHDOG stopping under SIGSTOP and a wedged loop, WATCHDOG_PID, STOPPING), stall exit 70,
 //!   the instance lock (refusal 75, release after kill -9, verified takeover, unrelated holders

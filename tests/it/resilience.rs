@@ -34,6 +34,12 @@ fn dashboard_down_at_start_then_up_loses_nothing() {
         "{}",
         agent.log()
     );
+    // The outage is reported to the dashboard too, as a status it accepts.
+    assert!(
+        h.wait_status(T, "Agent: dashboard was unreachable for"),
+        "{:?}",
+        h.statuses()
+    );
 }
 
 #[test]

@@ -344,6 +344,103 @@ else
 fi
 ct rm -f "/etc/systemd/system/$unit.d/90-bad-interval.conf"
 
+# ---- 11. a switch in its own transient unit survives a watchdog kill of the agent -------------
+# A stand-in nixos-rebuild on the unit's PATH (/run/current-system/sw/bin) that takes longer than
+# WatchdogSec; the agent is SIGSTOPped while the switch unit runs. The watchdog kills and
+# restarts the agent; the switch unit (its own cgroup) goes on; the restarted agent reports it.
+t11=$(date +%s.%N)
+marker=/var/lib/ci/switch-done
+ct mkdir -p /run/current-system/sw/bin
+ct sh -c 'cat > /run/current-system/sw/bin/nixos-rebuild; chmod 755 /run/current-system/sw/bin/nixos-rebuild' <<EOF
+#!/bin/sh
+sleep 8
+touch $marker
+echo "activated by stand-in (\$*)"
+EOF
+ct rm -f "$marker"
+# Check 10 left the unit failed (exit 78) and removed its drop-in: start it again, cleanly.
+ct systemctl daemon-reload
+ct systemctl reset-failed "$unit" 2>/dev/null
+switch_units() { # the loaded transient switch units, one name a line
+  ct systemctl list-units --all --plain --no-legend 'nixfleet-switch-*' 2>/dev/null | awk '{print $1}'
+}
+switch_active() { [ -n "$(ct systemctl list-units --state=active --plain --no-legend 'nixfleet-switch-*' 2>/dev/null)" ]; }
+switch_reports() { # statuses to the dashboard whose output is "Switch: ..." (one line each)
+  control GET /_fake/requests | grep -o '"output":"Switch[^"]*' | grep -c '^"output":"Switch: ' 
+}
+switch_reported() { [ "$(switch_reports)" -ge 1 ]; }
+wd_count() { journal | grep -c "Failed with result 'watchdog'"; }
+wd_above() { [ "$(wd_count)" -gt "$1" ]; }
+marker_there() { ct test -e "$marker"; }
+no_switch_units() { [ -z "$(switch_units)" ]; }
+switch_row() { control GET /_fake/logs/cthost | grep -o '{[^{}]*"command":"switch"[^{}]*}' | tail -1; }
+switch_row_closed() { switch_row | grep -q '"completed_at":"'; }
+out=$(ct systemctl start "$unit" 2>&1); rc=$?
+if [ $rc -ne 0 ] || ! wait_until 10 status_ok; then
+  fail switch-survives-watchdog "could not start the agent again (exit $rc: $out), state $(prop ActiveState)/$(prop SubState), StatusText '$(prop StatusText)'"
+elif [ -n "$(switch_units)" ] || [ "$(switch_reports)" != 0 ]; then
+  fail switch-survives-watchdog "not a clean start: switch units '$(switch_units)', $(switch_reports) 'Switch: ' reports already"
+else
+  pid=$(prop MainPID) n0=$(prop NRestarts) w0=$(wd_count)
+  out=$(control POST /_fake/command/cthost '{"command":"switch","force":true}' 2>&1)
+  if ! grep -q '"forced"' <<<"$out"; then
+    fail switch-survives-watchdog "queueing switch through the control API failed: $out"
+  elif ! wait_until 10 switch_active; then
+    fail switch-survives-watchdog "no active nixfleet-switch-* unit 10 s after queueing switch: $(journal | grep -iE 'switch' | tail -3)"
+  else
+    sw_unit=$(switch_units | head -1)
+    sw_pid=$(ct systemctl show -P MainPID "$sw_unit")
+    t0=$(date +%s.%N)
+    [ "${pid:-0}" -gt 1 ] && ct kill -STOP "$pid"
+    if ! wait_until "$(awk -v a="$wd_s" 'BEGIN{print a+5}')" wd_above "$w0"; then
+      fail switch-survives-watchdog "no new \"Failed with result 'watchdog'\" within WatchdogSec+5 s after SIGSTOP of pid $pid"
+      [ "${pid:-0}" -gt 1 ] && ct kill -CONT "$pid" 2>/dev/null
+    else
+      wd_after=$(elapsed "$t0")
+      # Right after the kill: the same switch unit, same wrapper pid, not finished yet.
+      sw_state=$(ct systemctl show -P ActiveState "$sw_unit")
+      sw_pid_now=$(ct systemctl show -P MainPID "$sw_unit")
+      early_marker=no; marker_there && early_marker=yes
+      if [ "$sw_state" != active ] || [ "$sw_pid_now" != "$sw_pid" ] || [ "$early_marker" = yes ]; then
+        fail switch-survives-watchdog "after the watchdog kill (${wd_after}s) $sw_unit is $sw_state with MainPID $sw_pid_now (was $sw_pid), marker already there: $early_marker (stand-in too quick, or the switch died with the agent)"
+      elif ! wait_until "$(awk -v a="$restart_s" 'BEGIN{print a+10}')" nrestarts_above "$n0"; then
+        fail switch-survives-watchdog "NRestarts still $(prop NRestarts) RestartSec+10 s after the watchdog kill"
+      elif ! wait_until 10 is_active_with_new_pid "$pid"; then
+        fail switch-survives-watchdog "not active/running with a new pid: $(prop ActiveState)/$(prop SubState) pid $(prop MainPID)"
+      elif ! wait_until 15 marker_there; then
+        fail switch-survives-watchdog "the stand-in never finished (no $marker); $sw_unit is $(ct systemctl show -P ActiveState "$sw_unit")"
+      elif ! wait_until 15 switch_reported; then
+        fail switch-survives-watchdog "no status 'Switch: ...' at the dashboard 15 s after the switch finished: $(control GET /_fake/requests | grep -o '"output":"[^"]*' | tail -5)"
+      elif ! wait_until 10 switch_row_closed; then
+        fail switch-survives-watchdog "the dashboard's switch row is still open: $(switch_row)"
+      elif ! wait_until 10 no_switch_units; then
+        fail switch-survives-watchdog "the transient unit was not collected: $(ct systemctl list-units --all --no-pager 'nixfleet-switch-*')"
+      else
+        sleep 2 # a second report would come within the agent's interval (2 s)
+        reports=$(control GET /_fake/requests | grep -o '"output":"Switch[^"]*')
+        row=$(switch_row)
+        n_reports=$(grep -c '^"output":"Switch: ' <<<"$reports")
+        jfields=$(ct journalctl -b -u "$unit" --no-pager -o cat NIXFLEET_COMMAND=switch)
+        if [ "$n_reports" != 1 ] || [ "$(grep -c . <<<"$reports")" != 1 ]; then
+          fail switch-survives-watchdog "expected exactly one 'Switch: ' status and nothing else starting 'Switch', got: $reports"
+        elif ! grep -qF 'activated by stand-in (switch --flake .#cthost)' <<<"$reports"; then
+          fail switch-survives-watchdog "the Switch report lacks the stand-in's output: $reports"
+        elif ! grep -q '"status":"ok"' <<<"$row" || ! grep -q '"output":"Switch: ' <<<"$row"; then
+          fail switch-survives-watchdog "the dashboard's switch row is not closed by the switch report with status ok: $row"
+        elif ! journal_has "switch runs in transient unit $sw_unit"; then
+          fail switch-survives-watchdog "no 'switch runs in transient unit $sw_unit' line in the agent's journal"
+        elif [ -z "$jfields" ]; then
+          fail switch-survives-watchdog "journalctl -u $unit NIXFLEET_COMMAND=switch is empty"
+        elif ! grep -q 'left a switch running outside the agent' <<<"$jfields"; then
+          fail switch-survives-watchdog "the restarted agent did not log resuming the switch (NIXFLEET_COMMAND=switch entries: $(tail -3 <<<"$jfields"))"
+        else
+          pass switch-survives-watchdog "$sw_unit still active (wrapper pid $sw_pid) after the watchdog kill ${wd_after}s after SIGSTOP, NRestarts $n0 -> $(prop NRestarts), 1 report '$(sed 's/^"output":"//' <<<"$reports" | cut -c1-60)', row ok, unit collected, $(grep -c . <<<"$jfields") NIXFLEET_COMMAND=switch entries; $(elapsed "$t11")s"
+        fi
+      fi
+    fi
+  fi
+fi
+
 echo "total $(elapsed "$T0") s"
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

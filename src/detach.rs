@@ -256,22 +256,29 @@ async fn gone_reason(
     cancel: &CancellationToken,
 ) -> Option<String> {
     if let Some(unit) = &detached.unit {
+        // Without --value: systemctl prints properties in its own order (Result before
+        // ActiveState), not in the order asked for, so the lines are matched by name.
         let cmd = Cmd::new("systemctl", "/", Duration::from_secs(10), "systemctl show").args([
             "show",
             "--property=ActiveState,Result",
-            "--value",
             unit,
         ]);
         let outcome = runner.run(cmd, cancel).await.ok()?;
-        let text = outcome
-            .output
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ");
-        return match text.split(' ').next() {
-            Some("active" | "activating" | "deactivating" | "reloading") => None,
+        let field = |key: &str| {
+            outcome
+                .output
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
+                .map(str::trim)
+        };
+        // No ActiveState line (systemctl itself failed): unknown, keep waiting; the deadline
+        // still bounds the wait.
+        let state = field("ActiveState")?;
+        return match state {
+            "active" | "activating" | "deactivating" | "reloading" => None,
             _ => Some(format!(
-                "the switch unit {unit} ended without a result ({text})"
+                "the switch unit {unit} ended without a result (ActiveState={state}, Result={})",
+                field("Result").unwrap_or("?")
             )),
         };
     }

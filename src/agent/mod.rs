@@ -176,6 +176,9 @@ pub struct Agent<T: Transport> {
     stopping: Option<Stopping>,
     /// The journal entry a `Job::Resume` continues.
     resume: Option<JournalEntry>,
+    /// "Agent started", held back while a resumed switch runs: v1 closes the command's log row
+    /// with the first status after delivery, which must be the switch's own final report.
+    started_report: Option<Report>,
 }
 
 fn command_label(job: &Job) -> String {
@@ -245,6 +248,7 @@ impl<T: Transport> Agent<T> {
             outage_note: None,
             stopping: None,
             resume: None,
+            started_report: None,
             settings,
         };
         if let Some(running) = startup.left.running {
@@ -264,15 +268,17 @@ impl<T: Transport> Agent<T> {
             );
         }
         agent.journal.set_queued(Vec::new());
-        agent.outbox.push(
-            Report::Status(StatusReport {
-                status: Outcome::Ok,
-                current_generation: agent.generation.clone(),
-                output: Some(format!("Agent started ({})", agent.settings.agent_version)),
-                test_status: None,
-            }),
-            None,
-        );
+        let started = Report::Status(StatusReport {
+            status: Outcome::Ok,
+            current_generation: agent.generation.clone(),
+            output: Some(format!("Agent started ({})", agent.settings.agent_version)),
+            test_status: None,
+        });
+        if agent.resume.is_some() {
+            agent.started_report = Some(started);
+        } else {
+            agent.outbox.push(started, None);
+        }
         if matches!(
             agent.settings.repo,
             crate::config::RepoMode::Isolated { .. }
@@ -539,6 +545,9 @@ impl<T: Transport> Agent<T> {
                     self.journal.finish();
                 }
                 self.generation = self.settings.repo.dir().and_then(read_git_head);
+                if let Some(started) = self.started_report.take() {
+                    self.outbox.push(started, None);
+                }
                 if let Some(code) = exit
                     && self.stopping.is_none()
                 {

@@ -61,8 +61,11 @@ fn kill_9_during_a_switch_the_switch_finishes_and_is_reported_once() {
         .dash
         .command_log(HOST)
         .into_iter()
-        .find(|r| r.command == "switch");
-    assert_eq!(row.unwrap().status, "ok");
+        .find(|r| r.command == "switch")
+        .unwrap();
+    // The switch's own report closed its dashboard log row (not "Agent started").
+    assert_eq!(row.status, "ok");
+    assert_eq!(row.output.as_deref(), Some("Switch: activated"), "{row:?}");
 }
 
 #[test]

@@ -8,7 +8,7 @@
 #                          or $CARGO_TARGET_DIR/debug)
 #       KEEP_LOGS=1        keep the work folder (journal dumps) even when everything passed
 # The container's /etc is empty (no CA store): the agent must work over http:// without one.
-# Needs: systemd-nspawn (Debian: systemd-container), curl. Installs nothing. About 25 s.
+# Needs: systemd-nspawn (Debian: systemd-container), curl. Installs nothing. About 45 s.
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -64,7 +64,9 @@ is_active_with_new_pid() { # OLD_PID
     pid=$(prop MainPID) && [ "$pid" != 0 ] && [ "$pid" != "$1" ]
 }
 nrestarts_above() { [ "$(prop NRestarts)" -gt "$1" ]; }
-journal_has() { journal | grep -qF -- "$1"; }
+# grep reads to the end (no -q): an early exit would SIGPIPE journalctl and, with pipefail,
+# fail the pipeline although the line was found.
+journal_has() { journal | grep -F -- "$1" >/dev/null; }
 usec_to_s() { # systemd's "45s", "1min 30s", "3s", "500ms" -> seconds
   awk '{t=0; for(i=1;i<=NF;i++){v=$i; if(v~/ms$/){sub(/ms$/,"",v);t+=v/1000}
         else if(v~/min$/){sub(/min$/,"",v);t+=v*60} else if(v~/h$/){sub(/h$/,"",v);t+=v*3600}
@@ -172,7 +174,7 @@ else
   # The agent's own "starting" line must precede systemd's "Started ..." (logged on READY=1).
   # Both go through the journal socket, so their order there is the order they were sent;
   # journald may still be catching up, hence the wait.
-  started_logged() { journal | grep -q '^Started '; }
+  started_logged() { journal | grep '^Started ' >/dev/null; }
   wait_until 5 started_logged
   lines=$(journal)
   n_starting=$(grep -n 'nixfleet-agent starting' <<<"$lines" | head -1 | cut -d: -f1)
@@ -256,7 +258,7 @@ pid=$(prop MainPID) n0=$(prop NRestarts)
 t0=$(date +%s.%N)
 # Never "kill 0" (an empty MainPID would stop our own process group).
 [ "${pid:-0}" -gt 1 ] && ct kill -STOP "$pid"
-watchdog_logged() { journal | grep -Eq "Failed with result 'watchdog'|[Ww]atchdog timeout"; }
+watchdog_logged() { journal | grep -E "Failed with result 'watchdog'|[Ww]atchdog timeout" >/dev/null; }
 if ! wait_until "$(awk -v a="$wd_s" 'BEGIN{print a+5}')" watchdog_logged; then
   fail watchdog "no \"Failed with result 'watchdog'\" within WatchdogSec+5 s ($(elapsed "$t0") s) after SIGSTOP of pid $pid"
   [ "${pid:-0}" -gt 1 ] && ct kill -CONT "$pid" 2>/dev/null
@@ -345,19 +347,23 @@ fi
 ct rm -f "/etc/systemd/system/$unit.d/90-bad-interval.conf"
 
 # ---- 11. a switch in its own transient unit survives a watchdog kill of the agent -------------
-# A stand-in nixos-rebuild on the unit's PATH (/run/current-system/sw/bin) that takes longer than
-# WatchdogSec; the agent is SIGSTOPped while the switch unit runs. The watchdog kills and
-# restarts the agent; the switch unit (its own cgroup) goes on; the restarted agent reports it.
+# A stand-in nixos-rebuild on the unit's PATH (/run/current-system/sw/bin; isolation and switch
+# mode are left at auto) that runs until this script releases it, so the order is fixed: the
+# agent is SIGSTOPped while the switch unit runs, the watchdog kills it, systemd restarts it, the
+# new instance finds the switch still running and waits for it; only then does the switch end.
+# The switch unit is in its own cgroup, so neither the kill nor the restart touches it.
 t11=$(date +%s.%N)
-marker=/var/lib/ci/switch-done
+marker=/var/lib/ci/switch-done release=/run/nixfleet-ci-release
 ct mkdir -p /run/current-system/sw/bin
 ct sh -c 'cat > /run/current-system/sw/bin/nixos-rebuild; chmod 755 /run/current-system/sw/bin/nixos-rebuild' <<EOF
 #!/bin/sh
-sleep 8
+# Waits for $release (at most 60 s, so it can never hang the run), then "activates".
+i=0
+while [ ! -e $release ] && [ \$i -lt 600 ]; do sleep 0.1; i=\$((i + 1)); done
 touch $marker
 echo "activated by stand-in (\$*)"
 EOF
-ct rm -f "$marker"
+ct rm -f "$marker" "$release"
 # Check 10 left the unit failed (exit 78) and removed its drop-in: start it again, cleanly.
 ct systemctl daemon-reload
 ct systemctl reset-failed "$unit" 2>/dev/null
@@ -365,30 +371,32 @@ switch_units() { # the loaded transient switch units, one name a line
   ct systemctl list-units --all --plain --no-legend 'nixfleet-switch-*' 2>/dev/null | awk '{print $1}'
 }
 switch_active() { [ -n "$(ct systemctl list-units --state=active --plain --no-legend 'nixfleet-switch-*' 2>/dev/null)" ]; }
-switch_reports() { # statuses to the dashboard whose output is "Switch: ..." (one line each)
-  control GET /_fake/requests | grep -o '"output":"Switch[^"]*' | grep -c '^"output":"Switch: ' 
-}
-switch_reported() { [ "$(switch_reports)" -ge 1 ]; }
+outputs() { control GET /_fake/requests | grep -o '"output":"[^"]*' | sed 's/^"output":"//'; }
+count_outputs() { outputs | grep -c "^$1"; } # statuses whose output starts with $1
+switch_reported() { [ "$(count_outputs 'Switch: ')" -ge 1 ]; }
+registers() { control GET /_fake/requests | grep -o '"endpoint":"register"' | grep -c .; }
+registers_above() { [ "$(registers)" -gt "$1" ]; }
 wd_count() { journal | grep -c "Failed with result 'watchdog'"; }
 wd_above() { [ "$(wd_count)" -gt "$1" ]; }
 marker_there() { ct test -e "$marker"; }
 no_switch_units() { [ -z "$(switch_units)" ]; }
+resumed() { journal_has 'left a switch running outside the agent'; }
 switch_row() { control GET /_fake/logs/cthost | grep -o '{[^{}]*"command":"switch"[^{}]*}' | tail -1; }
 switch_row_closed() { switch_row | grep -q '"completed_at":"'; }
 out=$(ct systemctl start "$unit" 2>&1); rc=$?
 if [ $rc -ne 0 ] || ! wait_until 10 status_ok; then
   fail switch-survives-watchdog "could not start the agent again (exit $rc: $out), state $(prop ActiveState)/$(prop SubState), StatusText '$(prop StatusText)'"
-elif [ -n "$(switch_units)" ] || [ "$(switch_reports)" != 0 ]; then
-  fail switch-survives-watchdog "not a clean start: switch units '$(switch_units)', $(switch_reports) 'Switch: ' reports already"
+elif [ -n "$(switch_units)" ] || [ "$(count_outputs 'Switch')" != 0 ]; then
+  fail switch-survives-watchdog "not a clean start: switch units '$(switch_units)', $(count_outputs 'Switch') 'Switch...' reports already"
 else
   pid=$(prop MainPID) n0=$(prop NRestarts) w0=$(wd_count)
   out=$(control POST /_fake/command/cthost '{"command":"switch","force":true}' 2>&1)
   if ! grep -q '"forced"' <<<"$out"; then
     fail switch-survives-watchdog "queueing switch through the control API failed: $out"
   elif ! wait_until 10 switch_active; then
-    fail switch-survives-watchdog "no active nixfleet-switch-* unit 10 s after queueing switch: $(journal | grep -iE 'switch' | tail -3)"
+    fail switch-survives-watchdog "no active nixfleet-switch-* unit 10 s after queueing switch: $(journal | grep -i switch | tail -3)"
   else
-    sw_unit=$(switch_units | head -1)
+    sw_unit=$(switch_units | head -1) && sw_unit=${sw_unit%.service}
     sw_pid=$(ct systemctl show -P MainPID "$sw_unit")
     t0=$(date +%s.%N)
     [ "${pid:-0}" -gt 1 ] && ct kill -STOP "$pid"
@@ -397,44 +405,59 @@ else
       [ "${pid:-0}" -gt 1 ] && ct kill -CONT "$pid" 2>/dev/null
     else
       wd_after=$(elapsed "$t0")
-      # Right after the kill: the same switch unit, same wrapper pid, not finished yet.
-      sw_state=$(ct systemctl show -P ActiveState "$sw_unit")
-      sw_pid_now=$(ct systemctl show -P MainPID "$sw_unit")
-      early_marker=no; marker_there && early_marker=yes
-      if [ "$sw_state" != active ] || [ "$sw_pid_now" != "$sw_pid" ] || [ "$early_marker" = yes ]; then
-        fail switch-survives-watchdog "after the watchdog kill (${wd_after}s) $sw_unit is $sw_state with MainPID $sw_pid_now (was $sw_pid), marker already there: $early_marker (stand-in too quick, or the switch died with the agent)"
+      r0=$(registers) # the old instance is dead: later registers come from the new one
+      # Right after the kill: the same switch unit with the same wrapper, not finished.
+      sw_state=$(ct systemctl show -P ActiveState "$sw_unit") sw_pid_now=$(ct systemctl show -P MainPID "$sw_unit")
+      if [ "$sw_state" != active ] || [ "$sw_pid_now" != "$sw_pid" ] || marker_there; then
+        fail switch-survives-watchdog "after the watchdog kill (${wd_after}s after SIGSTOP) $sw_unit is '$sw_state' with MainPID '$sw_pid_now' (was $sw_pid); the switch died with the agent"
       elif ! wait_until "$(awk -v a="$restart_s" 'BEGIN{print a+10}')" nrestarts_above "$n0"; then
         fail switch-survives-watchdog "NRestarts still $(prop NRestarts) RestartSec+10 s after the watchdog kill"
       elif ! wait_until 10 is_active_with_new_pid "$pid"; then
         fail switch-survives-watchdog "not active/running with a new pid: $(prop ActiveState)/$(prop SubState) pid $(prop MainPID)"
-      elif ! wait_until 15 marker_there; then
-        fail switch-survives-watchdog "the stand-in never finished (no $marker); $sw_unit is $(ct systemctl show -P ActiveState "$sw_unit")"
-      elif ! wait_until 15 switch_reported; then
-        fail switch-survives-watchdog "no status 'Switch: ...' at the dashboard 15 s after the switch finished: $(control GET /_fake/requests | grep -o '"output":"[^"]*' | tail -5)"
-      elif ! wait_until 10 switch_row_closed; then
-        fail switch-survives-watchdog "the dashboard's switch row is still open: $(switch_row)"
-      elif ! wait_until 10 no_switch_units; then
-        fail switch-survives-watchdog "the transient unit was not collected: $(ct systemctl list-units --all --no-pager 'nixfleet-switch-*')"
+      elif ! wait_until 10 resumed; then
+        fail switch-survives-watchdog "the restarted agent (pid $(prop MainPID)) did not pick up the running switch (no 'left a switch running outside the agent' line)"
+      elif [ "$(ct systemctl show -P ActiveState "$sw_unit")" != active ]; then
+        fail switch-survives-watchdog "$sw_unit is $(ct systemctl show -P ActiveState "$sw_unit") before the stand-in was released"
       else
-        sleep 2 # a second report would come within the agent's interval (2 s)
-        reports=$(control GET /_fake/requests | grep -o '"output":"Switch[^"]*')
-        row=$(switch_row)
-        n_reports=$(grep -c '^"output":"Switch: ' <<<"$reports")
-        jfields=$(ct journalctl -b -u "$unit" --no-pager -o cat NIXFLEET_COMMAND=switch)
-        if [ "$n_reports" != 1 ] || [ "$(grep -c . <<<"$reports")" != 1 ]; then
-          fail switch-survives-watchdog "expected exactly one 'Switch: ' status and nothing else starting 'Switch', got: $reports"
-        elif ! grep -qF 'activated by stand-in (switch --flake .#cthost)' <<<"$reports"; then
-          fail switch-survives-watchdog "the Switch report lacks the stand-in's output: $reports"
-        elif ! grep -q '"status":"ok"' <<<"$row" || ! grep -q '"output":"Switch: ' <<<"$row"; then
-          fail switch-survives-watchdog "the dashboard's switch row is not closed by the switch report with status ok: $row"
-        elif ! journal_has "switch runs in transient unit $sw_unit"; then
-          fail switch-survives-watchdog "no 'switch runs in transient unit $sw_unit' line in the agent's journal"
-        elif [ -z "$jfields" ]; then
-          fail switch-survives-watchdog "journalctl -u $unit NIXFLEET_COMMAND=switch is empty"
-        elif ! grep -q 'left a switch running outside the agent' <<<"$jfields"; then
-          fail switch-survives-watchdog "the restarted agent did not log resuming the switch (NIXFLEET_COMMAND=switch entries: $(tail -3 <<<"$jfields"))"
+        # Once the new instance has sent a heartbeat (register), every status it queued at
+        # start has been delivered (reports go first); the switch is still running, so the
+        # dashboard's row for it must still be open.
+        t_res=$(date +%s.%N)
+        wait_until 10 registers_above "$r0"
+        row_at_restart=$(switch_row)
+        # Keep the switch running long enough for the waiting agent's liveness check of the
+        # unit (every 5 s) to run at least once before it ends.
+        sleep "$(awk -v a="$(elapsed "$t_res")" 'BEGIN{d=6-a; print (d>0?d:0)}')"
+        t_wait=$(elapsed "$t_res")
+        ct touch "$release"
+        if ! wait_until 10 marker_there; then
+          fail switch-survives-watchdog "the stand-in never finished after its release (no $marker); $sw_unit is $(ct systemctl show -P ActiveState "$sw_unit")"
+        elif ! wait_until 10 switch_reported; then
+          fail switch-survives-watchdog "no status 'Switch: ...' at the dashboard 10 s after the switch finished: $(outputs | tail -5)"
+        elif ! wait_until 10 switch_row_closed; then
+          fail switch-survives-watchdog "the dashboard's switch row is still open: $(switch_row)"
+        elif ! wait_until 10 no_switch_units; then
+          fail switch-survives-watchdog "the transient unit was not collected: $(ct systemctl list-units --all --no-pager 'nixfleet-switch-*')"
         else
-          pass switch-survives-watchdog "$sw_unit still active (wrapper pid $sw_pid) after the watchdog kill ${wd_after}s after SIGSTOP, NRestarts $n0 -> $(prop NRestarts), 1 report '$(sed 's/^"output":"//' <<<"$reports" | cut -c1-60)', row ok, unit collected, $(grep -c . <<<"$jfields") NIXFLEET_COMMAND=switch entries; $(elapsed "$t11")s"
+          sleep 2 # a second report would come within the agent's interval (2 s)
+          reports=$(outputs | grep '^Switch')
+          row=$(switch_row)
+          jfields=$(ct journalctl -b -u "$unit" --no-pager -o cat NIXFLEET_COMMAND=switch)
+          if [ "$(grep -c '^Switch: ' <<<"$reports")" != 1 ] || [ "$(grep -c . <<<"$reports")" != 1 ]; then
+            fail switch-survives-watchdog "expected exactly one 'Switch: ' status and no other 'Switch...' status, got: $reports"
+          elif ! grep -qF 'activated by stand-in (switch --flake .#cthost)' <<<"$reports"; then
+            fail switch-survives-watchdog "the Switch report lacks the stand-in's output: $reports"
+          elif ! grep -q '"status":"running"' <<<"$row_at_restart"; then
+            fail switch-survives-watchdog "while the switch was still running, the restarted agent's first status closed the dashboard's switch row: $row_at_restart (final 'Switch: ' report landed in no row)"
+          elif ! grep -q '"status":"ok"' <<<"$row" || ! grep -q '"output":"Switch: ' <<<"$row"; then
+            fail switch-survives-watchdog "the dashboard's switch row is not closed by the switch report with status ok: $row"
+          elif ! journal_has "switch runs in transient unit $sw_unit (systemd-run)"; then
+            fail switch-survives-watchdog "no 'switch runs in transient unit $sw_unit (systemd-run)' line in the agent's journal"
+          elif [ -z "$jfields" ]; then
+            fail switch-survives-watchdog "journalctl -u $unit NIXFLEET_COMMAND=switch is empty"
+          else
+            pass switch-survives-watchdog "$sw_unit (wrapper pid $sw_pid) kept running through the watchdog kill ${wd_after}s after SIGSTOP and the restart (NRestarts $n0 -> $(prop NRestarts)); the new agent waited on the running unit for ${t_wait}s and reported once: '$(cut -c1-60 <<<"$reports")', row ok, unit collected, $(grep -c . <<<"$jfields") entries with NIXFLEET_COMMAND=switch; $(elapsed "$t11")s"
+          fi
         fi
       fi
     fi

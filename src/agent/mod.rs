@@ -545,7 +545,10 @@ impl<T: Transport> Agent<T> {
                     self.journal.finish();
                 }
                 self.generation = self.settings.repo.dir().and_then(read_git_head);
-                if let Some(started) = self.started_report.take() {
+                // Not while the switch's row is still open (the next instance reports it).
+                if let Some(started) = self.started_report.take()
+                    && !left_running
+                {
                     self.outbox.push(started, None);
                 }
                 if let Some(code) = exit

@@ -48,6 +48,9 @@ enum CliCommand {
         timeout_ms: u64,
         #[arg(long)]
         kill_grace_ms: u64,
+        /// The switch's environment (NUL-separated KEY=VALUE), read and deleted.
+        #[arg(long)]
+        env_file: Option<PathBuf>,
         #[arg(last = true, required = true)]
         argv: Vec<String>,
     },
@@ -110,11 +113,13 @@ pub fn main() -> std::process::ExitCode {
             result,
             timeout_ms,
             kill_grace_ms,
+            env_file,
             argv,
         }) => crate::detach::run_wrapper(
             &result,
             std::time::Duration::from_millis(timeout_ms),
             std::time::Duration::from_millis(kill_grace_ms),
+            env_file.as_deref(),
             &argv,
         ),
         Some(CliCommand::Run) | None => run(&cli.flags),

@@ -482,7 +482,8 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     if !value.is_finite() || value < 0.0 {
         return None;
     }
-    Some(Duration::from_secs_f64(value * scale))
+    // `from_secs_f64` panics beyond u64::MAX seconds (`1e300`): that is a bad value, not a crash.
+    Duration::try_from_secs_f64(value * scale).ok()
 }
 
 fn duration_setting(
@@ -1216,6 +1217,12 @@ mod tests {
         assert_eq!(parse_duration("1.5"), Some(Duration::from_millis(1500)));
         assert_eq!(parse_duration("-1"), None);
         assert_eq!(parse_duration("x"), None);
+        assert_eq!(parse_duration("1e300"), None);
+        assert_eq!(parse_duration("1e300h"), None);
+        assert_eq!(parse_duration("inf"), None);
+        // A configuration error (exit 78), not a panic.
+        let err = settings(&with(&[("NIXFLEET_SWITCH_TIMEOUT", "1e300")]), &[]).unwrap_err();
+        assert!(err.contains("NIXFLEET_SWITCH_TIMEOUT"), "{err}");
     }
 
     #[test]

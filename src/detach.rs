@@ -7,7 +7,10 @@
 //! everything else and writes the exit status and output tail to a result file in the state
 //! directory. How the wrapper is started:
 //! - `systemd-run`: a transient unit with `RuntimeMaxSec` as a backstop, collected after it
-//!   ends (systemd hosts, agent running as root);
+//!   ends (systemd hosts, agent running as root). The allowlisted environment goes to the
+//!   wrapper in a 0600 file it reads and deletes (`--env-file`), never on argv, where
+//!   `/proc/<pid>/cmdline` and `systemctl show` would expose a token in `NIX_CONFIG` or a proxy
+//!   password;
 //! - `session`: a new session detached from the agent (macOS, where launchd would otherwise
 //!   kill the job's process group);
 //! - in-process: the fallback when neither is available; the log says which one was used.
@@ -15,6 +18,8 @@
 //! This module owns the result file format (versioned JSON) and the waiting; it knows nothing
 //! about the dashboard.
 
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -47,8 +52,15 @@ pub struct Detached {
     /// The wrapper's pid (session mode), if known.
     pub pid: Option<u32>,
     pub result_file: PathBuf,
-    /// After this (unix seconds) a switch with no result is given up as lost.
+    /// After this (unix seconds) a switch with no result is given up as lost, if it is gone or
+    /// there is no way to tell (the wall clock can jump: an NTP step, a Mac waking up).
     pub deadline_unix: u64,
+    /// The longest the switch can run (its timeout and kill grace, with slack), on the
+    /// monotonic clock its wrapper uses too. Past the deadline, a waiting agent that has
+    /// itself waited this long stops believing a liveness check that says "still running"
+    /// (a reused pid). Absent in journals written by older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_runtime_secs: Option<u64>,
 }
 
 /// What the wrapper writes when the switch ends.
@@ -91,18 +103,98 @@ pub fn resolve(settings: &Settings, runner: &Runner) -> Isolation {
 }
 
 /// The wrapper's own argv (after the agent binary): run `switch` under the switch timeout
-/// and write `result`.
-fn wrapper_args(result: &Path, timeout: Duration, grace: Duration) -> Vec<String> {
-    vec![
+/// and write `result`; take the child's environment from `env_file` when given.
+fn wrapper_args(
+    result: &Path,
+    timeout: Duration,
+    grace: Duration,
+    env_file: Option<&Path>,
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
         "switch-wrapper".into(),
         "--result".into(),
-        result.display().to_string(),
+        result.into(),
         "--timeout-ms".into(),
-        timeout.as_millis().to_string(),
+        timeout.as_millis().to_string().into(),
         "--kill-grace-ms".into(),
-        grace.as_millis().to_string(),
-        "--".into(),
-    ]
+        grace.as_millis().to_string().into(),
+    ];
+    if let Some(env_file) = env_file {
+        args.extend(["--env-file".into(), env_file.into()]);
+    }
+    args.push("--".into());
+    args
+}
+
+/// Where the environment for a systemd-run wrapper goes: next to its result file.
+fn env_file_for(result_file: &Path) -> PathBuf {
+    result_file.with_extension("env")
+}
+
+/// Writes `env` as NUL-separated `KEY=VALUE` entries to a 0600 file (atomically).
+fn write_env_file<'a>(
+    path: &Path,
+    env: impl IntoIterator<Item = (&'a std::ffi::OsStr, &'a std::ffi::OsStr)>,
+) -> std::io::Result<()> {
+    let mut bytes = Vec::new();
+    for (key, value) in env {
+        bytes.extend_from_slice(key.as_bytes());
+        bytes.push(b'=');
+        bytes.extend_from_slice(value.as_bytes());
+        bytes.push(0);
+    }
+    crate::store::write_atomic(path, &bytes)
+}
+
+/// Reads and deletes an environment file written by [`write_env_file`]. It is deleted even when
+/// unreadable: it may hold credentials and is meant for one reader.
+fn take_env_file(path: &Path) -> std::io::Result<Vec<(OsString, OsString)>> {
+    let read = std::fs::read(path);
+    let _ = std::fs::remove_file(path);
+    Ok(read?
+        .split(|b| *b == 0)
+        .filter_map(|entry| {
+            let eq = entry.iter().position(|b| *b == b'=')?;
+            (eq > 0).then(|| {
+                (
+                    OsString::from_vec(entry[..eq].to_vec()),
+                    OsString::from_vec(entry[eq + 1..].to_vec()),
+                )
+            })
+        })
+        .collect())
+}
+
+/// The `systemd-run` invocation that starts the wrapper (`exe` + `inner`) in `unit`. Nothing
+/// from the environment goes on this argv: see [`write_env_file`].
+fn systemd_run_cmd(
+    unit: &str,
+    exe: &Path,
+    inner: Vec<OsString>,
+    switch: &Cmd,
+    timeouts: &crate::config::Timeouts,
+) -> Cmd {
+    let backstop = switch.timeout + timeouts.kill_grace + Duration::from_secs(30);
+    // Stopping the unit (RuntimeMaxSec, `systemctl stop`) SIGTERMs the wrapper, which stops the
+    // switch within the kill grace and then writes its result: never SIGKILL it before that.
+    let stop_timeout = timeouts.kill_grace + Duration::from_secs(30);
+    Cmd::new(
+        "systemd-run",
+        &switch.cwd,
+        timeouts.git_local,
+        "systemd-run",
+    )
+    .arg(format!("--unit={unit}"))
+    .args(["--collect", "--quiet", "--service-type=exec"])
+    .arg(format!("--property=RuntimeMaxSec={}", backstop.as_secs()))
+    .arg(format!(
+        "--property=TimeoutStopSec={}",
+        stop_timeout.as_secs()
+    ))
+    .arg(format!("--working-directory={}", switch.cwd.display()))
+    .arg("--")
+    .arg(exe.as_os_str())
+    .args(inner)
 }
 
 /// Names the unit and result file of a switch about to be detached. The caller records this
@@ -119,17 +211,21 @@ pub fn plan(
     crate::store::ensure_private_dir(&results)
         .map_err(|e| format!("cannot create {}: {e}", results.display()))?;
     // Past this, a switch without a result is given up as lost.
-    let deadline_unix =
-        now_unix() + switch.timeout.as_secs() + settings.timeouts.kill_grace.as_secs() + 60;
+    let grace = settings.timeouts.kill_grace.as_secs();
+    let deadline_unix = now_unix() + switch.timeout.as_secs() + grace + 60;
     Ok(Detached {
         unit: (isolation == Isolation::SystemdRun).then(|| format!("nixfleet-switch-{id}")),
         pid: None,
         result_file: results.join(format!("{id}.json")),
         deadline_unix,
+        // RuntimeMaxSec + TimeoutStopSec of the unit, and more.
+        max_runtime_secs: Some(switch.timeout.as_secs() + 2 * grace + 120),
     })
 }
 
 /// Starts `switch` outside the agent as `planned` says; fills in the wrapper's pid when known.
+/// `cancel` only keeps a stopping agent from starting a switch: once `systemd-run` runs, it is
+/// never interrupted (the unit may already exist), only bounded by its timeout.
 pub async fn launch(
     runner: &Runner,
     settings: &Settings,
@@ -137,49 +233,55 @@ pub async fn launch(
     switch: &Cmd,
     cancel: &CancellationToken,
 ) -> Result<(), String> {
+    if cancel.is_cancelled() {
+        return Err("not started: the agent is shutting down".into());
+    }
     let exe = std::env::current_exe()
         .map_err(|e| format!("cannot find the agent's own executable: {e}"))?;
     let timeouts = &settings.timeouts;
-    let mut inner: Vec<std::ffi::OsString> =
-        wrapper_args(&planned.result_file, switch.timeout, timeouts.kill_grace)
-            .into_iter()
-            .map(Into::into)
-            .collect();
-    inner.push(switch.program.clone());
-    inner.extend(switch.args.iter().cloned());
     if let Some(unit) = &planned.unit {
-        let backstop = switch.timeout + timeouts.kill_grace + Duration::from_secs(30);
-        let mut cmd = Cmd::new(
-            "systemd-run",
-            &switch.cwd,
-            timeouts.git_local,
-            "systemd-run",
-        )
-        .arg(format!("--unit={unit}"))
-        .args(["--collect", "--quiet", "--service-type=exec"])
-        .arg(format!("--property=RuntimeMaxSec={}", backstop.as_secs()))
-        .arg(format!("--working-directory={}", switch.cwd.display()));
-        for (key, value) in runner.child_env() {
-            let mut pair = std::ffi::OsString::from("--setenv=");
-            pair.push(key);
-            pair.push("=");
-            pair.push(value);
-            cmd = cmd.arg(pair);
-        }
-        cmd = cmd.arg("--").arg(exe.as_os_str()).args(inner);
-        let outcome = runner
-            .run(cmd, cancel)
-            .await
-            .map_err(|e| format!("cannot start the switch unit: {e}"))?;
-        if !outcome.success() {
-            return Err(format!(
+        let env_file = env_file_for(&planned.result_file);
+        write_env_file(&env_file, runner.child_env()).map_err(|e| {
+            format!(
+                "cannot write the switch environment {}: {e}",
+                env_file.display()
+            )
+        })?;
+        let mut inner = wrapper_args(
+            &planned.result_file,
+            switch.timeout,
+            timeouts.kill_grace,
+            Some(&env_file),
+        );
+        inner.push(switch.program.clone());
+        inner.extend(switch.args.iter().cloned());
+        let cmd = systemd_run_cmd(unit, &exe, inner, switch, timeouts);
+        let outcome = runner.run(cmd, &CancellationToken::new()).await;
+        let failure = match outcome {
+            Err(e) => Some(format!("cannot start the switch unit: {e}")),
+            Ok(outcome) if outcome.success() => None,
+            Ok(outcome) => Some(format!(
                 "systemd-run failed (exit code {}): {}",
                 outcome.exit_code(),
                 outcome.output.trim()
-            ));
+            )),
+        };
+        if let Some(failure) = failure {
+            // The switch is reported failed: a wrapper that has not read its environment yet
+            // (systemd-run timed out) must not run it unreported; one that has deleted it.
+            let _ = std::fs::remove_file(&env_file);
+            return Err(failure);
         }
         tracing::info!(unit = %unit, "switch runs in transient unit {unit} (systemd-run)");
     } else {
+        let mut inner = wrapper_args(
+            &planned.result_file,
+            switch.timeout,
+            timeouts.kill_grace,
+            None,
+        );
+        inner.push(switch.program.clone());
+        inner.extend(switch.args.iter().cloned());
         let cmd = Cmd::new(
             exe.as_os_str(),
             &switch.cwd,
@@ -220,8 +322,15 @@ pub fn read_result(path: &Path) -> Option<Result<SwitchResultFile, String>> {
 }
 
 /// Waits for the result of `detached`, checking now and then that the switch still runs.
+///
+/// The deadline is wall-clock time, which can jump (an NTP step, a Mac waking up) while the
+/// wrapper's own timeout runs on the monotonic clock; so past it the switch is given up only
+/// when it is gone, when there is no way to check, or when this wait alone has lasted longer
+/// than the switch can run.
 pub async fn wait(runner: &Runner, detached: &Detached, cancel: &CancellationToken) -> Waited {
     let mut since_liveness = Duration::ZERO;
+    let waiting_since = tokio::time::Instant::now();
+    let mut deadline_noted = false;
     loop {
         if let Some(result) = read_result(&detached.result_file) {
             return match result {
@@ -230,7 +339,22 @@ pub async fn wait(runner: &Runner, detached: &Detached, cancel: &CancellationTok
             };
         }
         if now_unix() > detached.deadline_unix {
-            return Waited::Lost("no result before the switch deadline".into());
+            let uncheckable = detached.unit.is_none() && detached.pid.is_none();
+            let outlived = detached
+                .max_runtime_secs
+                .is_some_and(|max| waiting_since.elapsed() > Duration::from_secs(max));
+            if uncheckable || outlived {
+                return Waited::Lost("no result before the switch deadline".into());
+            }
+            if !deadline_noted {
+                deadline_noted = true;
+                // Check at once rather than up to LIVENESS_EVERY later.
+                since_liveness = LIVENESS_EVERY;
+                tracing::warn!(
+                    result = %detached.result_file.display(),
+                    "the switch deadline passed (did the clock jump?); waiting on while it runs"
+                );
+            }
         }
         if since_liveness >= LIVENESS_EVERY {
             since_liveness = Duration::ZERO;
@@ -303,11 +427,30 @@ async fn gone_reason(
 
 /// `nixfleet-agent switch-wrapper`: runs the switch with its timeout, writes the result file,
 /// exits with the switch's exit code. Stopping the wrapper (SIGTERM) stops the switch's whole
-/// process tree and still writes a result.
-pub fn run_wrapper(result: &Path, timeout: Duration, grace: Duration, argv: &[String]) -> u8 {
+/// process tree and still writes a result. With `env_file` the switch's environment comes from
+/// that file (which is deleted), not from the wrapper's own.
+pub fn run_wrapper(
+    result: &Path,
+    timeout: Duration,
+    grace: Duration,
+    env_file: Option<&Path>,
+    argv: &[String],
+) -> u8 {
     let Some((program, args)) = argv.split_first() else {
         eprintln!("switch-wrapper: no command given");
         return crate::exit::CONFIG;
+    };
+    let runner = match env_file.map(take_env_file) {
+        None => Runner::new(grace),
+        Some(Ok(env)) => Runner::from_parent_env(grace, env),
+        Some(Err(e)) => {
+            let message = format!(
+                "switch-wrapper: cannot read the switch environment {}: {e}; the switch did not run",
+                env_file.map_or_else(String::new, |p| p.display().to_string())
+            );
+            eprintln!("{message}");
+            return write_result(result, &failed_result(1, message));
+        }
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -321,17 +464,23 @@ pub fn run_wrapper(result: &Path, timeout: Duration, grace: Duration, argv: &[St
     };
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let outcome = runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
         let cancel = CancellationToken::new();
-        let on_term = cancel.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            if let Ok(mut term) = signal(SignalKind::terminate()) {
-                term.recv().await;
-                on_term.cancel();
+        // Installed before the switch starts: a SIGTERM from then on stops it and still
+        // leaves a result. (A task only runs once `run` yields, after the child exists.)
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                let on_term = cancel.clone();
+                tokio::spawn(async move {
+                    if term.recv().await.is_some() {
+                        on_term.cancel();
+                    }
+                });
             }
-        });
+            Err(e) => eprintln!("switch-wrapper: cannot handle SIGTERM: {e}"),
+        }
         let cmd = Cmd::new(program, &cwd, timeout, "Switch").args(args);
-        Runner::new(grace).run(cmd, &cancel).await
+        runner.run(cmd, &cancel).await
     });
     let file = match outcome {
         Ok(outcome) => {
@@ -352,16 +501,26 @@ pub fn run_wrapper(result: &Path, timeout: Duration, grace: Duration, argv: &[St
                 finished_unix: now_unix(),
             }
         }
-        Err(e) => SwitchResultFile {
-            version: 1,
-            exit_code: 127,
-            timed_out_after_secs: None,
-            interrupted: false,
-            output: e.to_string(),
-            finished_unix: now_unix(),
-        },
+        Err(e) => failed_result(127, e.to_string()),
     };
-    let bytes = serde_json::to_vec(&file).expect("result serializes");
+    write_result(result, &file)
+}
+
+/// The result of a switch that did not start.
+fn failed_result(exit_code: i32, output: String) -> SwitchResultFile {
+    SwitchResultFile {
+        version: 1,
+        exit_code,
+        timed_out_after_secs: None,
+        interrupted: false,
+        output,
+        finished_unix: now_unix(),
+    }
+}
+
+/// Writes the wrapper's result file; returns the wrapper's exit code.
+fn write_result(result: &Path, file: &SwitchResultFile) -> u8 {
+    let bytes = serde_json::to_vec(file).expect("result serializes");
     if let Err(e) = crate::store::write_atomic(result, &bytes) {
         eprintln!("switch-wrapper: cannot write {}: {e}", result.display());
         return crate::exit::FAILURE;

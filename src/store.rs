@@ -21,34 +21,54 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
         .create(dir)
 }
 
+/// How many random temp names [`write_atomic`] tries before giving up.
+const TEMP_ATTEMPTS: usize = 8;
+
 /// Replaces `path` with `bytes` atomically: a reader sees the old or the new file, never a
 /// mix, even across a crash or power loss.
+///
+/// The temp file has a random name and is created exclusively without following a symlink, so
+/// in a directory others can write to (a token cache under /tmp) nobody can plant a file or a
+/// link there for us to write through.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     ensure_private_dir(dir)?;
     let name = path
         .file_name()
         .map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        // An existing temp file keeps its old mode; make sure.
+    let (tmp, mut file) = {
+        let mut attempt = 0;
+        loop {
+            let tmp = dir.join(format!(".{name}.tmp.{:016x}", fastrand::u64(..)));
+            let opened = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .mode(0o600)
+                .open(&tmp);
+            match opened {
+                Ok(file) => break (tmp, file),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < TEMP_ATTEMPTS => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    // From here on the temp file is ours, and removed again on failure (until renamed).
+    let written = (|| {
+        // The umask may have taken bits away; the mode is exactly 0600 either way.
         file.set_permissions(fs::Permissions::from_mode(0o600))?;
         file.write_all(bytes)?;
         file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        // The rename is durable only once the directory entry is.
-        fs::File::open(dir)?.sync_all()
+        fs::rename(&tmp, path)
     })();
-    if result.is_err() {
+    if written.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result
+    written?;
+    // The rename is durable only once the directory entry is.
+    fs::File::open(dir)?.sync_all()
 }
 
 /// Moves a corrupt state file aside (`<name>.corrupt-<unix time>`) with a clear log line, so
@@ -138,6 +158,8 @@ impl Journal {
                 Ok(file) if file.version == 1 => {
                     journal.last_id = file.last_id;
                     left.running = file.running;
+                    // Kept, so clearing the queue after the restart's notices is persisted.
+                    journal.queued.clone_from(&file.queued);
                     left.queued = file.queued;
                 }
                 Ok(file) => quarantine(&path, &format!("unknown journal version {}", file.version)),
@@ -159,6 +181,22 @@ impl Journal {
 
     /// Records that `command` starts; returns its id.
     pub fn start(&mut self, command: &str) -> u64 {
+        self.begin(command);
+        self.persist();
+        self.last_id
+    }
+
+    /// Records that `command` starts and that `queued` now wait behind it, in one write (so no
+    /// crash can leave `command` both queued and running, or in neither place); returns its id.
+    pub fn start_with_queue(&mut self, command: &str, queued: Vec<String>) -> u64 {
+        self.queued = queued;
+        self.begin(command);
+        self.persist();
+        self.last_id
+    }
+
+    /// The running entry for a new `command`, in memory only.
+    fn begin(&mut self, command: &str) {
         self.last_id += 1;
         let started_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -170,8 +208,6 @@ impl Journal {
             started_unix,
             detached: None,
         });
-        self.persist();
-        self.last_id
     }
 
     pub fn step(&mut self, step: &str) {
@@ -285,15 +321,56 @@ mod tests {
             (left.id, left.command.as_str(), left.step.as_str()),
             (id, "switch", "Switch")
         );
+        // The restart reported the queued command as not run; clearing the queue sticks.
+        journal.set_queued(Vec::new());
+        assert_eq!(Journal::load(path.clone()).1.queued, Vec::<String>::new());
         journal.settle_previous();
         let next = journal.start("pull");
         assert!(next > id, "ids keep growing across restarts");
         journal.finish();
-        journal.set_queued(Vec::new());
         assert_eq!(Journal::load(path.clone()).1, Left::default());
         std::fs::write(&path, b"garbage").unwrap();
         assert_eq!(Journal::load(path.clone()).1, Left::default());
         assert!(!path.exists(), "garbage journal quarantined");
+    }
+
+    #[test]
+    fn start_with_queue_records_both_in_one_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.json");
+        let (mut journal, _) = Journal::load(path.clone());
+        journal.set_queued(vec!["switch".into(), "pull".into(), "test".into()]);
+        let id = journal.start_with_queue("switch", vec!["pull".into(), "test".into()]);
+        let (_, left) = Journal::load(path.clone());
+        assert_eq!(left.running.map(|r| (r.id, r.command)), Some((id, "switch".into())));
+        assert_eq!(left.queued, vec!["pull".to_string(), "test".to_string()]);
+    }
+
+    #[test]
+    fn write_atomic_never_follows_a_planted_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        ensure_private_dir(&state).unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        // Where the old code wrote its temp file (predictable), and any name like it.
+        let planted = state.join(format!(".token.tmp.{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let path = state.join("token");
+        for round in 0..20 {
+            write_atomic(&path, format!("round {round}").as_bytes()).unwrap();
+        }
+        assert_eq!(fs::read_to_string(&path).unwrap(), "round 19");
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(fs::symlink_metadata(&planted).unwrap().is_symlink());
+        assert!(!fs::symlink_metadata(&path).unwrap().is_symlink());
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        let mut names: Vec<_> = fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec![planted.file_name().unwrap().to_str().unwrap(), "token"]);
     }
 
     #[test]

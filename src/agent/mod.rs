@@ -39,6 +39,8 @@ use outbox::{Outbox, describe};
 
 /// How long reports may take to leave after the agent decided to exit.
 const FLUSH_BUDGET: Duration = Duration::from_secs(5);
+/// How much longer a request in flight at the end of the flush budget may take.
+const IN_FLIGHT_GRACE: Duration = Duration::from_secs(10);
 
 /// Where the token in use came from; named when the dashboard refuses it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -176,6 +178,9 @@ pub struct Agent<T: Transport> {
     stopping: Option<Stopping>,
     /// The journal entry a `Job::Resume` continues.
     resume: Option<JournalEntry>,
+    /// The last request was a report that failed: the next attempt may be a heartbeat, so a
+    /// dashboard that refuses reports (rate limit on /status) still sees the host online.
+    report_failed_last: bool,
     /// "Agent started", held back while a resumed switch runs: v1 closes the command's log row
     /// with the first status after delivery, which must be the switch's own final report.
     started_report: Option<Report>,
@@ -249,6 +254,7 @@ impl<T: Transport> Agent<T> {
             stopping: None,
             resume: None,
             started_report: None,
+            report_failed_last: false,
             settings,
         };
         if let Some(running) = startup.left.running {
@@ -444,6 +450,11 @@ impl<T: Transport> Agent<T> {
         if self.outbox.is_empty() && self.in_flight.is_none() {
             return Some(stopping.code);
         }
+        // A request already under way may finish (the v1 /status can take seconds): cutting
+        // it off would send it again from the next start.
+        if now >= flush_until && self.in_flight.is_some() && now < flush_until + IN_FLIGHT_GRACE {
+            return None;
+        }
         if now >= flush_until {
             tracing::warn!(
                 pending = self.outbox.len(),
@@ -465,13 +476,22 @@ impl<T: Transport> Agent<T> {
         self.journal_queue();
         let name = command_label(&job);
         tracing::info!(NIXFLEET_COMMAND = %name, "running command {name}");
-        let (journal_id, detached) = match (&job, self.resume.take()) {
-            (Job::Resume(detached), Some(entry)) => {
-                let id = entry.id;
-                self.journal.resume(entry);
+        let (journal_id, detached) = match &job {
+            Job::Resume(detached) => {
+                let id = match self.resume.take() {
+                    Some(entry) => {
+                        let id = entry.id;
+                        self.journal.resume(entry);
+                        id
+                    }
+                    None => self.journal.start(&name),
+                };
                 (id, Some(detached.clone()))
             }
-            _ => (self.journal.start(&name), None),
+            // The internal clone at start is not the dashboard's business: never journaled,
+            // never reported as interrupted.
+            Job::Run(Ok(Command::Setup)) => (0, None),
+            Job::Run(_) => (self.journal.start(&name), None),
         };
         let cancel = CancellationToken::new();
         let ctx = Context {
@@ -514,12 +534,21 @@ impl<T: Transport> Agent<T> {
             }
             ExecEvent::Report(report) => {
                 tracing::debug!("queued report: {}", describe(&report));
-                let tag = self
+                let detached = self
                     .running
-                    .as_ref()
-                    .filter(|r| r.detached.is_some())
-                    .map(|r| r.journal_id);
-                self.outbox.push(report, tag);
+                    .as_mut()
+                    .and_then(|r| r.detached.take().map(|d| (r.journal_id, d)));
+                match detached {
+                    // The final report of a switch that ran outside the agent: once it is in
+                    // the outbox, the journal entry and the result file have done their job.
+                    // Both in this one step, so no restart can report the switch twice.
+                    Some((journal_id, detached)) => {
+                        self.outbox.push(report, Some(journal_id));
+                        self.journal.finish();
+                        let _ = std::fs::remove_file(&detached.result_file);
+                    }
+                    None => self.outbox.push(report, None),
+                }
             }
             ExecEvent::Detached(detached, recorded) => {
                 self.journal.detach(detached.clone());
@@ -569,8 +598,18 @@ impl<T: Transport> Agent<T> {
         if self.link.retry_at.is_some_and(|at| now < at) {
             return;
         }
+        if let Some(stopping) = &self.stopping
+            && stopping.flush_until.is_some_and(|until| now >= until)
+        {
+            return;
+        }
+        let heartbeat_due = self.stopping.is_none() && now >= self.next_heartbeat;
         let token = self.creds.current.expose().to_string();
-        if let Some(entry) = self.outbox.front() {
+        if let Some(entry) = self
+            .outbox
+            .front()
+            .filter(|_| !(self.report_failed_last && heartbeat_due))
+        {
             let id = entry.id;
             let report = entry.report.clone();
             let transport = self.transport.clone();
@@ -619,15 +658,18 @@ impl<T: Transport> Agent<T> {
     fn on_delivery(&mut self, delivery: Delivery) {
         match delivery {
             Delivery::Heartbeat(Ok(reply)) => {
-                self.link_up();
-                self.next_heartbeat = Instant::now()
-                    + backoff::next_interval(self.settings.interval, fastrand::f64());
+                self.report_failed_last = false;
                 if let Some(token) = reply.agent_token {
                     self.adopt_token(token);
                 }
+                // The command first: its row is the newest open one, so nothing else (like the
+                // outage note link_up may add) may be reported before its acknowledgement.
                 if let Some(command) = reply.command {
                     self.on_command(command);
                 }
+                self.link_up();
+                self.next_heartbeat = Instant::now()
+                    + backoff::next_interval(self.settings.interval, fastrand::f64());
             }
             Delivery::Heartbeat(Err(error)) => self.on_failure("heartbeat", error),
             Delivery::Report {
@@ -635,6 +677,7 @@ impl<T: Transport> Agent<T> {
                 result: Ok(reply),
             } => {
                 self.outbox.pop(id);
+                self.report_failed_last = false;
                 self.link_up();
                 if let Some(token) = reply.agent_token {
                     self.adopt_token(token);
@@ -654,6 +697,7 @@ impl<T: Transport> Agent<T> {
                     self.outbox.pop(id);
                     return;
                 }
+                self.report_failed_last = true;
                 self.on_failure("report", error);
             }
         }
@@ -808,23 +852,35 @@ impl<T: Transport> Agent<T> {
         }
     }
 
+    /// A command from a heartbeat reply. Its dashboard log row is now the newest open one, and
+    /// v1 closes it with the next `/status`: so unless that will be the command's own first
+    /// report, it is acknowledged at once, at the front of the outbox.
     fn on_command(&mut self, raw: String) {
         let command = Job::Run(Command::parse(&raw).ok_or_else(|| raw.clone()));
         let name = command_label(&command);
         tracing::info!(NIXFLEET_COMMAND = %name, "received command {name}");
         if self.stopping.is_some() {
-            self.status_now(
+            self.acknowledge(
                 Outcome::Error,
                 format!("Not run: {name} arrived while the agent was stopping; queue it again"),
             );
             return;
         }
-        let Some(busy_with) = self
+        let busy_with = self
             .running
             .as_ref()
             .map(|r| r.name.clone())
-            .or_else(|| self.queue.back().map(command_label))
-        else {
+            .or_else(|| self.queue.back().map(command_label));
+        let Some(busy_with) = busy_with else {
+            if !self.outbox.is_empty() {
+                // Earlier reports are still waiting; they would close this row.
+                self.acknowledge(
+                    Outcome::Ok,
+                    format!(
+                        "Accepted: {name} is starting; its result follows in a separate report"
+                    ),
+                );
+            }
             self.queue.push_back(command);
             return;
         };
@@ -834,7 +890,7 @@ impl<T: Transport> Agent<T> {
                 "dropped command {name}: {} commands already wait behind {busy_with}",
                 self.queue.len()
             );
-            self.status_now(
+            self.acknowledge(
                 Outcome::Error,
                 format!(
                     "Dropped command {name}: {} commands already wait behind {busy_with} \
@@ -848,10 +904,21 @@ impl<T: Transport> Agent<T> {
         self.queue.push_back(command);
         self.journal_queue();
         let position = self.queue.len();
-        self.status_now(
+        self.acknowledge(
             Outcome::Ok,
             format!("Queued: {name} will run after {busy_with} finishes (position {position})"),
         );
+    }
+
+    /// A status that must be the next one the dashboard sees (nothing is in flight while a
+    /// heartbeat reply is handled, so the front of the outbox is next).
+    fn acknowledge(&mut self, status: Outcome, output: String) {
+        self.outbox.push_front(Report::Status(StatusReport {
+            status,
+            current_generation: self.generation.clone(),
+            output: Some(output),
+            test_status: None,
+        }));
     }
 
     /// Keeps the journal's list of waiting dashboard commands current.

@@ -132,6 +132,18 @@ impl Outbox {
         self.persist();
     }
 
+    /// Puts a report first in line (an acknowledgement that must close the newest dashboard
+    /// log row). Never coalesced.
+    pub fn push_front(&mut self, report: Report) {
+        self.next_id += 1;
+        self.entries.push_front(Entry {
+            id: self.next_id,
+            journal_id: None,
+            report,
+        });
+        self.persist();
+    }
+
     /// Removes the delivered front entry.
     pub fn pop(&mut self, id: u64) {
         if self.entries.front().is_some_and(|e| e.id == id) {

@@ -159,7 +159,8 @@ pub(super) async fn resume(ctx: &Context, detached: Detached) -> SwitchResult {
 async fn await_detached(ctx: &Context, detached: &Detached) -> SwitchResult {
     match detach::wait(&ctx.runner, detached, &ctx.cancel).await {
         detach::Waited::Done(result) => {
-            let _ = std::fs::remove_file(&detached.result_file);
+            // The result file stays until the report is durably in the outbox: the main loop
+            // deletes it then, so an agent killed before that reports the switch next time.
             let output = result.output.trim_end();
             if result.exit_code == 0 {
                 report_success(ctx, output)

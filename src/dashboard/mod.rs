@@ -131,18 +131,12 @@ fn format_details(details: &[(String, String)]) -> String {
 }
 
 impl DashboardError {
-    /// A request error worth retrying later with the same payload. A 422 or another 4xx is
-    /// not: the same payload would be refused again.
+    /// A request error worth retrying later with the same payload. Only a 422 is final: the
+    /// dashboard validated the payload and will refuse it again. Anything else, a 404 or 502
+    /// from a proxy while the dashboard redeploys included, is retried with backoff, because
+    /// dropping a final status is worse than sending it late.
     pub fn is_retryable(&self) -> bool {
-        match self {
-            DashboardError::Unreachable(_)
-            | DashboardError::Timeout(_)
-            | DashboardError::ServerError
-            | DashboardError::BadReply(_)
-            | DashboardError::Unauthorized { .. } => true,
-            DashboardError::Http { status, .. } => *status >= 500 || *status == 429,
-            DashboardError::Validation { .. } => false,
-        }
+        !matches!(self, DashboardError::Validation { .. })
     }
 
     /// Whether this means "cannot reach the dashboard" rather than "it answered badly".

@@ -70,11 +70,15 @@ impl V1Client {
         })
     }
 
+    /// POSTs `body`; returns the reply body of a 2xx answer. With `reply_optional`, a 2xx
+    /// whose body cannot be read still counts as delivered (an empty body comes back): the
+    /// dashboard has processed the report, and sending it again would be a duplicate.
     async fn post_json<T: serde::Serialize + ?Sized>(
         &self,
         endpoint: &str,
         token: &str,
         body: &T,
+        reply_optional: bool,
     ) -> Result<Vec<u8>, DashboardError> {
         let url = format!("{}/{endpoint}", self.host_base);
         let response = self
@@ -86,11 +90,14 @@ impl V1Client {
             .await
             .map_err(|e| classify_send_error(e, self.timeout_secs))?;
         let status = response.status();
-        let body = read_capped(response, self.timeout_secs).await?;
-        if status.is_success() {
-            return Ok(body);
+        let body = read_capped(response, self.timeout_secs).await;
+        match body {
+            Ok(body) if status.is_success() => Ok(body),
+            Err(_) if status.is_success() && reply_optional => Ok(Vec::new()),
+            Ok(body) => Err(error_for(status, &body)),
+            Err(_) if !status.is_success() => Err(error_for(status, &[])),
+            Err(e) => Err(e),
         }
-        Err(error_for(status, &body))
     }
 }
 
@@ -100,7 +107,7 @@ impl Transport for V1Client {
         token: &str,
         beat: &Heartbeat,
     ) -> Result<HeartbeatReply, DashboardError> {
-        let body = self.post_json("register", token, beat).await?;
+        let body = self.post_json("register", token, beat, false).await?;
         let wire: RegisterReplyWire = serde_json::from_slice(&body)
             .map_err(|e| DashboardError::BadReply(format!("invalid JSON: {e}")))?;
         Ok(HeartbeatReply {
@@ -111,9 +118,10 @@ impl Transport for V1Client {
 
     async fn report(&self, token: &str, report: &Report) -> Result<ReportReply, DashboardError> {
         let body = match report {
-            Report::Status(status) => self.post_json("status", token, status).await?,
+            Report::Status(status) => self.post_json("status", token, status, true).await?,
             Report::TestProgress(progress) => {
-                self.post_json("test-progress", token, progress).await?
+                self.post_json("test-progress", token, progress, true)
+                    .await?
             }
         };
         // A report's success does not depend on its body; a token in it is still honoured.

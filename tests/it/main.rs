@@ -17,6 +17,8 @@
 //! - `crash`: kill -9 during a detached switch and a test run, outbox across restarts, corrupt
 //!   state files, queued commands after a crash, a bounded chaos run, exit 10 after a switch
 //!   that installed a new binary, waiting for a manual switch that holds its lock.
+//! - `rows`: regression tests that every result lands on its own dashboard log row (outage
+//!   notes, reports made during a heartbeat, resumed switches, a proxy 404 blip).
 //! - `supervisor`: sd-notify over path and abstract sockets (READY after the lock, STATUS,
 //!   WATCHDOG stopping under SIGSTOP and a wedged loop, WATCHDOG_PID, STOPPING), stall exit 70,
 //!   the instance lock (refusal 75, release after kill -9, verified takeover, unrelated holders
@@ -32,6 +34,7 @@ mod commands;
 mod core;
 mod crash;
 mod resilience;
+mod rows;
 mod supervisor;
 mod support;
 mod tokens;

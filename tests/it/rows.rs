@@ -1,0 +1,134 @@
+//! Regression tests from review: the v1 dashboard closes the newest open log row with the next
+//! `/status`, so every result must land on its own command's row, whatever happens around it
+//! (outages, slow replies, restarts, proxies answering 404).
+
+use std::time::Duration;
+
+use crate::support::*;
+
+const T: Duration = Duration::from_secs(20);
+
+fn rows(h: &Harness) -> Vec<(String, String, String)> {
+    h.dash
+        .command_log(HOST)
+        .into_iter()
+        .map(|r| (r.command, r.status, r.output.unwrap_or_default()))
+        .collect()
+}
+
+/// A detached switch interrupted by an agent restart fails: the failure, not "Agent started",
+/// closes its row.
+#[test]
+fn resumed_switch_failure_lands_on_the_switch_row() {
+    let mut h = Harness::new();
+    h.legacy_repo();
+    h.set("NIXFLEET_SWITCH_ISOLATION", "session");
+    h.stand_in("nixos-rebuild", "sleep 3; echo broken build; exit 1");
+    let mut agent = h.spawn();
+    assert!(wait_until(T, || !h.requests(Endpoint::Register).is_empty()));
+    h.dash.force_command(HOST, "switch");
+    assert!(
+        agent.wait_log(T, "detached from the agent"),
+        "{}",
+        agent.log()
+    );
+    agent.kill9();
+    let _agent = h.spawn();
+    assert!(h.wait_status(T, "Switch failed"), "{:?}", h.statuses());
+    std::thread::sleep(Duration::from_secs(1));
+    let row = rows(&h).into_iter().find(|r| r.0 == "switch").unwrap();
+    assert_eq!(row.1, "error", "switch row: {row:?}");
+}
+
+/// One failed heartbeat, then a heartbeat that delivers a command: the outage note must not
+/// close the command's row.
+#[test]
+fn outage_note_never_closes_a_just_delivered_command_row() {
+    let mut h = Harness::new();
+    h.legacy_repo();
+    let _agent = h.spawn();
+    assert!(h.wait_status(T, "Agent started"));
+    h.dash.set_mode(Mode::Status(500));
+    std::thread::sleep(Duration::from_millis(1500));
+    h.dash.force_command(HOST, "pull");
+    h.dash.set_mode(Mode::Normal);
+    assert!(h.wait_status(T, "Pull"), "{:?}", h.statuses());
+    std::thread::sleep(Duration::from_secs(1));
+    let row = rows(&h).into_iter().find(|r| r.0 == "pull").unwrap();
+    assert!(row.2.starts_with("Pull"), "pull row: {row:?}");
+}
+
+/// A command finishing while a heartbeat is in flight, and that heartbeat delivering the next
+/// command: each report stays on its own row.
+#[test]
+fn report_made_during_a_heartbeat_stays_on_its_own_row() {
+    let mut h = Harness::new();
+    h.legacy_repo();
+    h.set("NIXFLEET_SWITCH_ISOLATION", "none");
+    h.stand_in("nixos-rebuild", "sleep 2.5; echo switched");
+    let agent = h.spawn();
+    assert!(h.wait_status(T, "Agent started"));
+    h.dash.force_command(HOST, "switch");
+    assert!(agent.wait_log(T, "switch: Switch"));
+    h.dash.set_mode(Mode::Slow(Duration::from_secs(3)));
+    h.dash.force_command(HOST, "pull");
+    assert!(
+        h.wait_status(Duration::from_secs(30), "Pull"),
+        "{:?}",
+        h.statuses()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let r = rows(&h);
+    let sw = r.iter().find(|r| r.0 == "switch").unwrap();
+    assert!(sw.2.starts_with("Switch"), "rows: {r:?}");
+}
+
+/// Restart twice during one detached switch: the second instance stops while resuming; its
+/// deferred "Agent started" must not close the switch's row.
+#[test]
+fn stopping_while_resuming_leaves_the_switch_row_open() {
+    let mut h = Harness::new();
+    h.legacy_repo();
+    h.set("NIXFLEET_SWITCH_ISOLATION", "session");
+    h.stand_in("nixos-rebuild", "sleep 6; echo broken build; exit 1");
+    let mut agent = h.spawn();
+    assert!(wait_until(T, || !h.requests(Endpoint::Register).is_empty()));
+    h.dash.force_command(HOST, "switch");
+    assert!(
+        agent.wait_log(T, "detached from the agent"),
+        "{}",
+        agent.log()
+    );
+    agent.kill9();
+    let mut agent = h.spawn();
+    assert!(agent.wait_log(T, "resuming a switch"), "{}", agent.log());
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait_exit(T).is_some());
+    let _agent = h.spawn();
+    assert!(h.wait_status(T, "Switch failed"), "{:?}", h.statuses());
+    std::thread::sleep(Duration::from_secs(1));
+    let row = rows(&h).into_iter().find(|r| r.0 == "switch").unwrap();
+    assert_eq!(row.1, "error", "switch row: {row:?}");
+}
+
+/// A proxy answering 404 for a moment (backend redeploying): final statuses wait and arrive.
+#[test]
+fn proxy_404_blip_does_not_drop_final_reports() {
+    let mut h = Harness::new();
+    h.legacy_repo();
+    h.set("NIXFLEET_SWITCH_ISOLATION", "none");
+    h.stand_in("nixos-rebuild", "sleep 2; echo switched");
+    let agent = h.spawn();
+    assert!(h.wait_status(T, "Agent started"));
+    h.dash.force_command(HOST, "switch");
+    assert!(agent.wait_log(T, "switch: Switch"));
+    h.dash.set_mode(Mode::Status(404));
+    std::thread::sleep(Duration::from_secs(4));
+    h.dash.set_mode(Mode::Normal);
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        h.statuses().iter().any(|s| s.contains("Switch: switched")),
+        "{:?}",
+        h.statuses()
+    );
+}

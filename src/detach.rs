@@ -543,3 +543,158 @@ impl PipeCode for Exit {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt as _;
+
+    #[test]
+    fn the_environment_travels_in_a_private_file_read_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = env_file_for(&dir.path().join("switch/1-2.json"));
+        assert_eq!(path, dir.path().join("switch/1-2.env"));
+        let runner = Runner::from_parent_env(
+            Duration::from_secs(1),
+            [
+                (
+                    "NIX_CONFIG".into(),
+                    "access-tokens = github.com=s3cret\nx = a=b".into(),
+                ),
+                ("https_proxy".into(), "http://user:pass@proxy:3128".into()),
+                ("NIXFLEET_TOKEN".into(), "never".into()),
+                ("PATH".into(), "/bin".into()),
+            ],
+        );
+        write_env_file(&path, runner.child_env()).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        let raw = std::fs::read(&path).unwrap();
+        assert!(raw.ends_with(b"\0") && !raw.windows(5).any(|w| w == b"never"));
+        let mut env = take_env_file(&path).unwrap();
+        env.sort();
+        assert!(!path.exists(), "read once, then deleted");
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .map(|(k, v)| (k.into_string().unwrap(), v.into_string().unwrap()))
+            .collect();
+        assert_eq!(
+            env,
+            vec![
+                (
+                    "NIX_CONFIG".into(),
+                    "access-tokens = github.com=s3cret\nx = a=b".into()
+                ),
+                ("PATH".into(), "/bin".into()),
+                ("https_proxy".into(), "http://user:pass@proxy:3128".into()),
+            ]
+        );
+        assert!(take_env_file(&path).is_err(), "a missing file is an error");
+    }
+
+    #[test]
+    fn systemd_run_argv_carries_no_environment() {
+        let timeouts = crate::config::Timeouts::default();
+        let switch = Cmd::new("nixos-rebuild", "/", Duration::from_secs(600), "Switch")
+            .args(["switch", "--flake", ".#host"]);
+        let env_file = Path::new("/var/lib/nixfleet/switch/1-2.env");
+        let mut inner = wrapper_args(
+            Path::new("/var/lib/nixfleet/switch/1-2.json"),
+            switch.timeout,
+            timeouts.kill_grace,
+            Some(env_file),
+        );
+        inner.push(switch.program.clone());
+        inner.extend(switch.args.iter().cloned());
+        let cmd = systemd_run_cmd(
+            "nixfleet-switch-1-2",
+            Path::new("/bin/nixfleet-agent"),
+            inner,
+            &switch,
+            &timeouts,
+        );
+        let args: Vec<String> = cmd
+            .args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !args
+                .iter()
+                .any(|a| a.starts_with("--setenv") || a.starts_with("-E"))
+        );
+        let grace = timeouts.kill_grace.as_secs();
+        assert!(
+            args.contains(&format!("--property=TimeoutStopSec={}", grace + 30)),
+            "{args:?}"
+        );
+        let wrapper = args.iter().position(|a| a == "switch-wrapper").unwrap();
+        let separator = args.iter().position(|a| a == "--").unwrap();
+        assert!(separator < wrapper, "{args:?}");
+        let env_flag = args.iter().position(|a| a == "--env-file").unwrap();
+        assert_eq!(args[env_flag + 1], env_file.display().to_string());
+        assert!(args.ends_with(&[
+            "nixos-rebuild".into(),
+            "switch".into(),
+            "--flake".into(),
+            ".#host".into()
+        ]));
+    }
+
+    fn past_deadline(dir: &Path, pid: Option<u32>, max_runtime_secs: Option<u64>) -> Detached {
+        Detached {
+            unit: None,
+            pid,
+            result_file: dir.join("r.json"),
+            deadline_unix: now_unix().saturating_sub(10),
+            max_runtime_secs,
+        }
+    }
+
+    async fn wait_bounded(detached: &Detached) -> Waited {
+        let runner = Runner::new(Duration::from_secs(1));
+        let cancel = CancellationToken::new();
+        tokio::time::timeout(Duration::from_secs(10), wait(&runner, detached, &cancel))
+            .await
+            .expect("wait ends")
+    }
+
+    #[tokio::test]
+    async fn past_the_deadline_a_switch_still_running_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        // The "wrapper" is this very process: alive.
+        let detached = past_deadline(dir.path(), Some(std::process::id()), Some(3600));
+        let result = detached.result_file.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            let file = failed_result(0, "activated".into());
+            crate::store::write_atomic(&result, &serde_json::to_vec(&file).unwrap()).unwrap();
+        });
+        match wait_bounded(&detached).await {
+            Waited::Done(r) => assert_eq!(r.output, "activated"),
+            Waited::Lost(why) => panic!("lost: {why}"),
+            Waited::Cancelled => panic!("cancelled"),
+        }
+    }
+
+    #[tokio::test]
+    async fn past_the_deadline_a_gone_or_uncheckable_or_overdue_switch_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = u32::try_from(i32::MAX).unwrap();
+        for (detached, why) in [
+            (past_deadline(dir.path(), None, None), "no result before"),
+            (
+                past_deadline(dir.path(), Some(gone), Some(3600)),
+                "ended without a result",
+            ),
+            (
+                past_deadline(dir.path(), Some(std::process::id()), Some(0)),
+                "no result before",
+            ),
+        ] {
+            match wait_bounded(&detached).await {
+                Waited::Lost(reason) => assert!(reason.contains(why), "{reason}"),
+                Waited::Done(_) | Waited::Cancelled => panic!("{detached:?} not lost"),
+            }
+        }
+    }
+}

@@ -342,7 +342,10 @@ mod tests {
         journal.set_queued(vec!["switch".into(), "pull".into(), "test".into()]);
         let id = journal.start_with_queue("switch", vec!["pull".into(), "test".into()]);
         let (_, left) = Journal::load(path.clone());
-        assert_eq!(left.running.map(|r| (r.id, r.command)), Some((id, "switch".into())));
+        assert_eq!(
+            left.running.map(|r| (r.id, r.command)),
+            Some((id, "switch".into()))
+        );
         assert_eq!(left.queued, vec!["pull".to_string(), "test".to_string()]);
     }
 
@@ -370,7 +373,10 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         names.sort();
-        assert_eq!(names, vec![planted.file_name().unwrap().to_str().unwrap(), "token"]);
+        assert_eq!(
+            names,
+            vec![planted.file_name().unwrap().to_str().unwrap(), "token"]
+        );
     }
 
     #[test]

@@ -473,7 +473,6 @@ impl<T: Transport> Agent<T> {
         let Some(job) = self.queue.pop_front() else {
             return;
         };
-        self.journal_queue();
         let name = command_label(&job);
         tracing::info!(NIXFLEET_COMMAND = %name, "running command {name}");
         let (journal_id, detached) = match &job {
@@ -491,8 +490,16 @@ impl<T: Transport> Agent<T> {
             // The internal clone at start is not the dashboard's business: never journaled,
             // never reported as interrupted.
             Job::Run(Ok(Command::Setup)) => (0, None),
-            Job::Run(_) => (self.journal.start(&name), None),
+            // Started and taken off the queue in one journal write: no crash in between can
+            // lose it or report it twice.
+            Job::Run(_) => (
+                self.journal.start_with_queue(&name, self.queued_names()),
+                None,
+            ),
         };
+        if journal_id == 0 || matches!(job, Job::Resume(_)) {
+            self.journal_queue();
+        }
         let cancel = CancellationToken::new();
         let ctx = Context {
             state_dir: self.state_dir.clone(),
@@ -923,16 +930,20 @@ impl<T: Transport> Agent<T> {
 
     /// Keeps the journal's list of waiting dashboard commands current.
     fn journal_queue(&mut self) {
-        let names = self
-            .queue
+        let names = self.queued_names();
+        self.journal.set_queued(names);
+    }
+
+    /// The dashboard commands waiting in the queue, by name.
+    fn queued_names(&self) -> Vec<String> {
+        self.queue
             .iter()
             .filter(|job| {
                 matches!(job, Job::Run(Ok(c)) if *c != Command::Setup)
                     || matches!(job, Job::Run(Err(_)))
             })
             .map(command_label)
-            .collect();
-        self.journal.set_queued(names);
+            .collect()
     }
 
     fn status_now(&mut self, status: Outcome, output: String) {

@@ -400,3 +400,162 @@ fn switch_gives_up_when_a_manual_switch_holds_the_lock_too_long() {
     manual.kill().unwrap();
     manual.wait().unwrap();
 }
+
+/// The switch wrapper as systemd-run starts it: the environment comes from a private file
+/// (read once, deleted), never from argv, and still through the allowlist.
+#[test]
+fn switch_wrapper_takes_the_switch_environment_from_its_env_file() {
+    let h = Harness::new();
+    h.stand_in("nixos-rebuild", "echo activated");
+    let path = format!(
+        "{}:{}",
+        h.bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let env_file = h.tmp.path().join("1-2.env");
+    let result = h.tmp.path().join("1-2.json");
+    std::fs::write(
+        &env_file,
+        format!("PATH={path}\0NIX_CONFIG=access-tokens = github.com=s3cret\0NIXFLEET_TOKEN=leak\0"),
+    )
+    .unwrap();
+    // systemd's minimal environment for the unit, plus something that must not win.
+    let own = vec![
+        ("PATH".to_string(), "/usr/bin:/bin".to_string()),
+        ("NIX_CONFIG".to_string(), "from-the-unit".to_string()),
+    ];
+    let wrapper = |env_file: &std::path::Path| {
+        AgentProcess::spawn(
+            h.tmp.path(),
+            &own,
+            &[
+                "switch-wrapper",
+                "--result",
+                result.to_str().unwrap(),
+                "--timeout-ms",
+                "10000",
+                "--kill-grace-ms",
+                "1000",
+                "--env-file",
+                env_file.to_str().unwrap(),
+                "--",
+                "nixos-rebuild",
+                "switch",
+            ],
+        )
+    };
+    let mut run = wrapper(&env_file);
+    assert_eq!(
+        run.wait_exit(T).and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        run.log()
+    );
+    assert!(!env_file.exists(), "the env file is deleted once read");
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&result).unwrap()).unwrap();
+    assert_eq!(file["exit_code"], 0);
+    assert_eq!(file["output"].as_str().unwrap().trim(), "activated");
+    let env = h.call_env("nixos-rebuild");
+    assert!(
+        env.contains("NIX_CONFIG=access-tokens = github.com=s3cret"),
+        "{env}"
+    );
+    assert!(
+        !env.contains("from-the-unit") && !env.contains("NIXFLEET_TOKEN"),
+        "{env}"
+    );
+
+    // No env file (it was deleted after a failed launch): the switch does not run.
+    std::fs::remove_file(&result).unwrap();
+    std::fs::remove_file(h.tmp.path().join("calls/nixos-rebuild.argv")).unwrap();
+    let mut run = wrapper(&env_file);
+    assert_eq!(
+        run.wait_exit(T).and_then(|s| s.code()),
+        Some(1),
+        "{}",
+        run.log()
+    );
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&result).unwrap()).unwrap();
+    assert_eq!(file["exit_code"], 1);
+    assert!(
+        file["output"].as_str().unwrap().contains("did not run"),
+        "{file}"
+    );
+    assert!(h.calls("nixos-rebuild").is_empty());
+}
+
+/// Stopping the wrapper (the unit stopped, RuntimeMaxSec) stops the switch and still leaves a
+/// result saying so.
+#[test]
+fn sigterm_to_the_switch_wrapper_stops_the_switch_and_writes_a_result() {
+    let h = Harness::new();
+    h.stand_in("nixos-rebuild", "exec sleep 30");
+    let result = h.tmp.path().join("1-2.json");
+    let mut run = AgentProcess::spawn(
+        h.tmp.path(),
+        &h.vars,
+        &[
+            "switch-wrapper",
+            "--result",
+            result.to_str().unwrap(),
+            "--timeout-ms",
+            "60000",
+            "--kill-grace-ms",
+            "1000",
+            "--",
+            "nixos-rebuild",
+            "switch",
+        ],
+    );
+    assert!(wait_until(T, || !h.calls("nixos-rebuild").is_empty()));
+    let stopping = Instant::now();
+    run.signal(libc::SIGTERM);
+    assert_eq!(
+        run.wait_exit(T).and_then(|s| s.code()),
+        Some(143),
+        "{}",
+        run.log()
+    );
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        stopping.elapsed()
+    );
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&result).unwrap()).unwrap();
+    assert_eq!(file["interrupted"], true, "{file}");
+    assert_eq!(file["exit_code"], 143, "{file}");
+}
+
+/// A queued command that never ran is reported "not run" once, not on every restart.
+#[test]
+fn queued_command_is_reported_not_run_exactly_once() {
+    let mut h = Harness::new();
+    h.legacy_repo();
+    h.set("NIXFLEET_SHUTDOWN_GRACE", "1");
+    h.stand_in("nixos-rebuild", "sleep 30");
+    let mut agent = h.spawn();
+    assert!(wait_until(T, || !h.requests(Endpoint::Register).is_empty()));
+    h.dash.force_command(HOST, "switch");
+    assert!(agent.wait_log(T, "switch: Switch"));
+    h.dash.force_command(HOST, "pull");
+    assert!(h.wait_status(T, "Queued: pull"));
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait_exit(T).is_some());
+    let mut agent = h.spawn();
+    assert!(
+        h.wait_status(T, "Command pull was not run"),
+        "{:?}",
+        h.statuses()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait_exit(T).is_some());
+    let _agent = h.spawn();
+    std::thread::sleep(Duration::from_secs(3));
+    let n = h
+        .statuses()
+        .iter()
+        .filter(|s| s.contains("Command pull was not run"))
+        .count();
+    assert_eq!(n, 1, "{:?}", h.statuses());
+}

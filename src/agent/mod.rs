@@ -840,6 +840,20 @@ impl<T: Transport> Agent<T> {
     }
 
     fn adopt_token(&mut self, token: String) {
+        // v1 issues token_urlsafe(32): 43 characters of [A-Za-z0-9_-]. Anything else (a CR/LF
+        // would break every later request) is refused rather than cached.
+        let plausible = (1..=256).contains(&token.len())
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !plausible {
+            tracing::error!(
+                "ignoring a per-host token from the dashboard that is not URL-safe base64 ({} \
+                 bytes); keeping the current token",
+                token.len()
+            );
+            return;
+        }
         let token = Secret::new(token);
         if token == self.creds.current {
             return;

@@ -33,6 +33,9 @@ use crate::exec::{Cmd, Exit, Runner};
 const RESULT_OUTPUT_MAX: usize = 64 * 1024;
 /// How often the waiting agent looks for the result file.
 const POLL: Duration = Duration::from_millis(250);
+/// A session-mode switch whose wrapper has not written its pid file after this long (counted
+/// from when this agent started waiting) never started: the agent died while launching it.
+const NEVER_STARTED_AFTER: Duration = Duration::from_secs(5);
 /// How often it also checks that the switch is still alive.
 const LIVENESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -310,6 +313,20 @@ pub enum Waited {
     Lost(String),
 }
 
+/// Where the wrapper records its pid as soon as it runs (next to its result file).
+fn pid_file(result: &Path) -> PathBuf {
+    let mut name = result.as_os_str().to_owned();
+    name.push(".pid");
+    PathBuf::from(name)
+}
+
+/// Removes what a finished detached switch left in the state directory (its result and pid
+/// files), once its report is safely in the outbox.
+pub fn clean_up(detached: &Detached) {
+    let _ = std::fs::remove_file(&detached.result_file);
+    let _ = std::fs::remove_file(pid_file(&detached.result_file));
+}
+
 /// Reads a result file; `None` while it does not exist yet.
 pub fn read_result(path: &Path) -> Option<Result<SwitchResultFile, String>> {
     match std::fs::read(path) {
@@ -339,7 +356,9 @@ pub async fn wait(runner: &Runner, detached: &Detached, cancel: &CancellationTok
             };
         }
         if now_unix() > detached.deadline_unix {
-            let uncheckable = detached.unit.is_none() && detached.pid.is_none();
+            let uncheckable = detached.unit.is_none()
+                && detached.pid.is_none()
+                && !pid_file(&detached.result_file).exists();
             let outlived = detached
                 .max_runtime_secs
                 .is_some_and(|max| waiting_since.elapsed() > Duration::from_secs(max));
@@ -358,7 +377,8 @@ pub async fn wait(runner: &Runner, detached: &Detached, cancel: &CancellationTok
         }
         if since_liveness >= LIVENESS_EVERY {
             since_liveness = Duration::ZERO;
-            if let Some(gone) = gone_reason(runner, detached, cancel).await {
+            if let Some(gone) = gone_reason(runner, detached, cancel, waiting_since.elapsed()).await
+            {
                 // It may have written the file just before ending.
                 if let Some(Ok(r)) = read_result(&detached.result_file) {
                     return Waited::Done(r);
@@ -378,6 +398,7 @@ async fn gone_reason(
     runner: &Runner,
     detached: &Detached,
     cancel: &CancellationToken,
+    waited: Duration,
 ) -> Option<String> {
     if let Some(unit) = &detached.unit {
         // Without --value: systemctl prints properties in its own order (Result before
@@ -406,7 +427,15 @@ async fn gone_reason(
             )),
         };
     }
-    if let Some(pid) = detached.pid {
+    let pid = detached.pid.or_else(|| {
+        std::fs::read_to_string(pid_file(&detached.result_file))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+    });
+    if pid.is_none() && detached.unit.is_none() && waited >= NEVER_STARTED_AFTER {
+        return Some("the switch never started (the agent stopped while launching it)".to_string());
+    }
+    if let Some(pid) = pid {
         let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok();
         // A zombie (our own unreaped child) counts as gone; the reaper thread handles it.
         let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -440,6 +469,15 @@ pub fn run_wrapper(
         eprintln!("switch-wrapper: no command given");
         return crate::exit::CONFIG;
     };
+    // First thing: say that the switch exists, for an agent that died while launching us.
+    if let Err(e) =
+        crate::store::write_atomic(&pid_file(result), std::process::id().to_string().as_bytes())
+    {
+        eprintln!(
+            "switch-wrapper: cannot write {}: {e}",
+            pid_file(result).display()
+        );
+    }
     let runner = match env_file.map(take_env_file) {
         None => Runner::new(grace),
         Some(Ok(env)) => Runner::from_parent_env(grace, env),

@@ -552,7 +552,7 @@ impl<T: Transport> Agent<T> {
                     Some((journal_id, detached)) => {
                         self.outbox.push(report, Some(journal_id));
                         self.journal.finish();
-                        let _ = std::fs::remove_file(&detached.result_file);
+                        crate::detach::clean_up(&detached);
                     }
                     None => self.outbox.push(report, None),
                 }

@@ -559,3 +559,58 @@ fn queued_command_is_reported_not_run_exactly_once() {
         .count();
     assert_eq!(n, 1, "{:?}", h.statuses());
 }
+
+/// An agent killed after recording a detached switch but before the wrapper ran leaves a
+/// journal entry with no pid: the next agent finds no wrapper and reports the switch as never
+/// started within seconds, instead of waiting for the switch deadline.
+#[test]
+fn detached_switch_that_never_started_is_reported_within_seconds() {
+    let h = Harness::new();
+    std::fs::create_dir_all(h.state_dir.join("switch")).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let journal = serde_json::json!({
+        "version": 1,
+        "last_id": 7,
+        "running": {
+            "id": 7,
+            "command": "switch",
+            "step": "Switch",
+            "started_unix": now,
+            "detached": {
+                "unit": null,
+                "pid": null,
+                "result_file": h.state_dir.join("switch/never.json"),
+                "deadline_unix": now + 600,
+            },
+        },
+        "queued": [],
+    });
+    std::fs::write(h.state_dir.join("journal.json"), journal.to_string()).unwrap();
+    let started = Instant::now();
+    let agent = h.spawn();
+    assert!(
+        h.wait_status(T, "Switch failed: the switch never started"),
+        "{:?}\n{}",
+        h.statuses(),
+        agent.log()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        started.elapsed()
+    );
+    // Reported once, and "Agent started" only after it.
+    let statuses = h.statuses();
+    let failed = statuses
+        .iter()
+        .position(|s| s.starts_with("Switch failed"))
+        .unwrap();
+    let hello = statuses
+        .iter()
+        .position(|s| s.starts_with("Agent started"))
+        .unwrap_or(usize::MAX);
+    assert!(failed < hello, "{statuses:?}");
+}

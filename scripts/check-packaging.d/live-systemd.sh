@@ -2,11 +2,11 @@
 # `scripts/check-packaging --live`: the real units under a real systemd (PID 1 in a
 # systemd-nspawn container, plus a user manager for alice), with fake-agent.py as the agent.
 # Prints `ok NAME` / `FAIL NAME: detail` lines; about 70 s. Needs root, systemd-container and
-# ct.sh from the shared real-systemd recipe ($CT_SH, default ../shared/real-systemd/ct.sh).
+# ct.sh, the repository's real-systemd recipe ($CT_SH, default tests/systemd/ct.sh).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-ct_sh=${CT_SH:-$root/../shared/real-systemd/ct.sh}
+ct_sh=${CT_SH:-$root/tests/systemd/ct.sh}
 [ -r "$ct_sh" ] || { echo "FAIL live systemd: $ct_sh not found (set CT_SH)"; exit 0; }
 # shellcheck source=/dev/null
 . "$ct_sh"

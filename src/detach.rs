@@ -325,6 +325,8 @@ fn pid_file(result: &Path) -> PathBuf {
 pub fn clean_up(detached: &Detached) {
     let _ = std::fs::remove_file(&detached.result_file);
     let _ = std::fs::remove_file(pid_file(&detached.result_file));
+    // Normally the wrapper deleted it; not if it never ran. It may hold proxy credentials.
+    let _ = std::fs::remove_file(env_file_for(&detached.result_file));
 }
 
 /// Reads a result file; `None` while it does not exist yet.
@@ -359,9 +361,10 @@ pub async fn wait(runner: &Runner, detached: &Detached, cancel: &CancellationTok
             let uncheckable = detached.unit.is_none()
                 && detached.pid.is_none()
                 && !pid_file(&detached.result_file).exists();
+            // A journal from an older agent has no bound: the deadline alone decides then.
             let outlived = detached
                 .max_runtime_secs
-                .is_some_and(|max| waiting_since.elapsed() > Duration::from_secs(max));
+                .is_none_or(|max| waiting_since.elapsed() > Duration::from_secs(max));
             if uncheckable || outlived {
                 return Waited::Lost("no result before the switch deadline".into());
             }

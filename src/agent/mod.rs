@@ -40,7 +40,9 @@ use outbox::{Outbox, describe};
 /// How long reports may take to leave after the agent decided to exit.
 const FLUSH_BUDGET: Duration = Duration::from_secs(5);
 /// How much longer a request in flight at the end of the flush budget may take.
-const IN_FLIGHT_GRACE: Duration = Duration::from_secs(10);
+/// Worst case on SIGTERM: shutdown grace 20 s + kill grace 10 s + flush 5 s + this 5 s = 40 s,
+/// inside the units' `TimeoutStopSec=45` and the plists' `ExitTimeOut=45`.
+const IN_FLIGHT_GRACE: Duration = Duration::from_secs(5);
 
 /// Where the token in use came from; named when the dashboard refuses it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -181,9 +183,10 @@ pub struct Agent<T: Transport> {
     /// The last request was a report that failed: the next attempt may be a heartbeat, so a
     /// dashboard that refuses reports (rate limit on /status) still sees the host online.
     report_failed_last: bool,
-    /// "Agent started", held back while a resumed switch runs: v1 closes the command's log row
-    /// with the first status after delivery, which must be the switch's own final report.
-    started_report: Option<Report>,
+    /// "Not run" notices and "Agent started", held back while a resumed switch runs: v1 closes
+    /// the command's log row with the first status after delivery, which must be the switch's
+    /// own final report.
+    held_reports: Vec<Report>,
 }
 
 fn command_label(job: &Job) -> String {
@@ -253,7 +256,7 @@ impl<T: Transport> Agent<T> {
             outage_note: None,
             stopping: None,
             resume: None,
-            started_report: None,
+            held_reports: Vec::new(),
             report_failed_last: false,
             settings,
         };
@@ -265,13 +268,21 @@ impl<T: Transport> Agent<T> {
                 NIXFLEET_COMMAND = %name,
                 "command {name} was queued when the agent restarted; reporting it as not run"
             );
-            agent.status_now(
-                Outcome::Error,
-                format!(
+            let notice = Report::Status(StatusReport {
+                status: Outcome::Error,
+                current_generation: agent.generation.clone(),
+                output: Some(format!(
                     "Command {name} was not run: the agent restarted before it could start it; \
                      queue it again if needed"
-                ),
-            );
+                )),
+                test_status: None,
+            });
+            // While a resumed switch's row is open, any status would close it: hold it.
+            if agent.resume.is_some() {
+                agent.held_reports.push(notice);
+            } else {
+                agent.outbox.push(notice, None);
+            }
         }
         agent.journal.set_queued(Vec::new());
         let started = Report::Status(StatusReport {
@@ -281,7 +292,7 @@ impl<T: Transport> Agent<T> {
             test_status: None,
         });
         if agent.resume.is_some() {
-            agent.started_report = Some(started);
+            agent.held_reports.push(started);
         } else {
             agent.outbox.push(started, None);
         }
@@ -307,6 +318,8 @@ impl<T: Transport> Agent<T> {
                 "command {} left a switch running outside the agent; waiting for its result",
                 left.command
             );
+            // Kept on disk as it is until the resumed switch reports.
+            self.journal.resume(left.clone());
             self.resume = Some(left);
             self.queue.push_front(Job::Resume(detached));
             return;
@@ -582,10 +595,10 @@ impl<T: Transport> Agent<T> {
                 }
                 self.generation = self.settings.repo.dir().and_then(read_git_head);
                 // Not while the switch's row is still open (the next instance reports it).
-                if let Some(started) = self.started_report.take()
-                    && !left_running
-                {
-                    self.outbox.push(started, None);
+                if !left_running {
+                    for report in std::mem::take(&mut self.held_reports) {
+                        self.outbox.push(report, None);
+                    }
                 }
                 if let Some(code) = exit
                     && self.stopping.is_none()
@@ -678,7 +691,11 @@ impl<T: Transport> Agent<T> {
                 self.next_heartbeat = Instant::now()
                     + backoff::next_interval(self.settings.interval, fastrand::f64());
             }
-            Delivery::Heartbeat(Err(error)) => self.on_failure("heartbeat", error),
+            Delivery::Heartbeat(Err(error)) => {
+                // Strict alternation: a failed heartbeat lets the pending report go next.
+                self.report_failed_last = false;
+                self.on_failure("heartbeat", error);
+            }
             Delivery::Report {
                 id,
                 result: Ok(reply),
@@ -958,18 +975,6 @@ impl<T: Transport> Agent<T> {
             })
             .map(command_label)
             .collect()
-    }
-
-    fn status_now(&mut self, status: Outcome, output: String) {
-        self.outbox.push(
-            Report::Status(StatusReport {
-                status,
-                current_generation: self.generation.clone(),
-                output: Some(output),
-                test_status: None,
-            }),
-            None,
-        );
     }
 
     /// The one-line summary for `systemctl status`.

@@ -132,3 +132,64 @@ fn proxy_404_blip_does_not_drop_final_reports() {
         h.statuses()
     );
 }
+
+/// A detached switch with a command queued behind it, then kill -9: the new instance's "not
+/// run" notice for the queued command must wait until the resumed switch has reported, or it
+/// would close the switch's row.
+#[test]
+fn not_run_notice_waits_for_the_resumed_switch_report() {
+    let mut h = Harness::new();
+    h.legacy_repo();
+    h.set("NIXFLEET_SWITCH_ISOLATION", "session");
+    h.stand_in("nixos-rebuild", "sleep 5; echo switched");
+    let mut agent = h.spawn();
+    assert!(h.wait_status(T, "Agent started"));
+    h.dash.force_command(HOST, "switch");
+    assert!(
+        agent.wait_log(T, "detached from the agent"),
+        "{}",
+        agent.log()
+    );
+    h.dash.force_command(HOST, "pull");
+    assert!(h.wait_status(T, "Queued: pull"), "{:?}", h.statuses());
+    agent.kill9();
+    let _agent = h.spawn();
+    assert!(h.wait_status(T, "Switch: switched"), "{:?}", h.statuses());
+    assert!(
+        h.wait_status(T, "Command pull was not run"),
+        "{:?}",
+        h.statuses()
+    );
+    let r = rows(&h);
+    let switch = r.iter().find(|r| r.0 == "switch").unwrap();
+    assert_eq!(
+        (switch.1.as_str(), switch.2.as_str()),
+        ("ok", "Switch: switched"),
+        "{r:#?}"
+    );
+}
+
+/// /status refused while /register works, then the other way round: the pending report is
+/// retried between failing heartbeats instead of waiting behind them forever.
+#[test]
+fn pending_report_is_retried_while_heartbeats_fail() {
+    let mut h = Harness::new();
+    h.legacy_repo();
+    let _agent = h.spawn();
+    assert!(h.wait_status(T, "Agent started"));
+    h.dash.set_mode(Mode::EndpointStatus(Endpoint::Status, 500));
+    h.dash.force_command(HOST, "pull");
+    assert!(wait_until(T, || h
+        .requests(Endpoint::Status)
+        .iter()
+        .any(|r| r.response_status == 500)));
+    h.dash.set_mode(Mode::Status(500));
+    std::thread::sleep(Duration::from_secs(3));
+    h.dash
+        .set_mode(Mode::EndpointStatus(Endpoint::Register, 500));
+    assert!(
+        h.wait_status(Duration::from_secs(15), "Pull"),
+        "{:?}",
+        h.statuses()
+    );
+}

@@ -109,6 +109,8 @@ pub enum Mode {
     OversizedChunked(usize),
     /// This status with a plausible body (500 is `text/plain` `Internal Server Error`).
     Status(u16),
+    /// Like `Status`, but only for requests to this endpoint; the others are answered normally.
+    EndpointStatus(Endpoint, u16),
 }
 
 /// Which endpoint a request was for.

@@ -399,6 +399,12 @@ async fn respond(
             Mode::Oversized(n) => return body::oversized(n, false),
             Mode::OversizedChunked(n) => return body::oversized(n, true),
             Mode::Status(code) => return body::canned_status(code),
+            Mode::EndpointStatus(endpoint, code) => {
+                if matches!(route, Route::Agent { endpoint: e, .. } if *e == endpoint) {
+                    return body::canned_status(code);
+                }
+                return process(shared, peer, route, bytes, content_type, bearer);
+            }
         }
     }
 }

@@ -31,6 +31,19 @@ const TEMP_ATTEMPTS: usize = 8;
 /// in a directory others can write to (a token cache under /tmp) nobody can plant a file or a
 /// link there for us to write through.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace_file(path, bytes, true)
+}
+
+/// [`write_atomic`] without the fsyncs: still all-or-nothing and safe against the agent being
+/// killed (the kernel keeps the page cache), but a power loss may bring back the previous
+/// version. For writes whose loss only repeats work, like taking a delivered report out of the
+/// outbox: skipping the disk flush shrinks the window in which a kill -9 makes the agent send
+/// a delivered report again from milliseconds to microseconds.
+pub fn write_atomic_relaxed(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace_file(path, bytes, false)
+}
+
+fn replace_file(path: &Path, bytes: &[u8], flush: bool) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     ensure_private_dir(dir)?;
     let name = path
@@ -60,13 +73,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         // The umask may have taken bits away; the mode is exactly 0600 either way.
         file.set_permissions(fs::Permissions::from_mode(0o600))?;
         file.write_all(bytes)?;
-        file.sync_all()?;
+        if flush {
+            file.sync_all()?;
+        }
         fs::rename(&tmp, path)
     })();
     if written.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     written?;
+    if !flush {
+        return Ok(());
+    }
     // The rename is durable only once the directory entry is.
     fs::File::open(dir)?.sync_all()
 }
@@ -115,6 +133,10 @@ struct JournalFile {
     /// Commands delivered but not started yet (queued behind the running one).
     #[serde(default)]
     queued: Vec<String>,
+    /// Commands already known not to have run, whose "not run" notices wait for a resumed
+    /// switch to report first (kept on disk so a second restart does not lose them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    held: Vec<String>,
 }
 
 /// What a previous agent instance left unfinished.
@@ -131,6 +153,7 @@ pub struct Journal {
     last_id: u64,
     running: Option<JournalEntry>,
     queued: Vec<String>,
+    held: Vec<String>,
 }
 
 impl Journal {
@@ -140,6 +163,7 @@ impl Journal {
             last_id: 0,
             running: None,
             queued: Vec::new(),
+            held: Vec::new(),
         }
     }
 
@@ -151,6 +175,7 @@ impl Journal {
             last_id: 0,
             running: None,
             queued: Vec::new(),
+            held: Vec::new(),
         };
         let mut left = Left::default();
         match fs::read(&path) {
@@ -160,7 +185,10 @@ impl Journal {
                     left.running = file.running;
                     // Kept, so clearing the queue after the restart's notices is persisted.
                     journal.queued.clone_from(&file.queued);
-                    left.queued = file.queued;
+                    journal.held.clone_from(&file.held);
+                    // Held notices belong to commands delivered before the queued ones.
+                    left.queued = file.held;
+                    left.queued.extend(file.queued);
                 }
                 Ok(file) => quarantine(&path, &format!("unknown journal version {}", file.version)),
                 Err(e) => quarantine(&path, &format!("unreadable journal ({e})")),
@@ -175,6 +203,24 @@ impl Journal {
     pub fn set_queued(&mut self, queued: Vec<String>) {
         if queued != self.queued {
             self.queued = queued;
+            self.persist();
+        }
+    }
+
+    /// What a previous instance left queued is now either reported (its notices are in the
+    /// outbox: `held` empty) or held back until a resumed switch reports (`held`). One write.
+    pub fn settle_queued(&mut self, held: Vec<String>) {
+        if !self.queued.is_empty() || held != self.held {
+            self.queued.clear();
+            self.held = held;
+            self.persist();
+        }
+    }
+
+    /// The held notices are in the outbox now.
+    pub fn release_held(&mut self) {
+        if !self.held.is_empty() {
+            self.held.clear();
             self.persist();
         }
     }
@@ -256,6 +302,7 @@ impl Journal {
             last_id: self.last_id,
             running: self.running.clone(),
             queued: self.queued.clone(),
+            held: self.held.clone(),
         };
         let bytes = serde_json::to_vec(&file).expect("journal serializes");
         if let Err(e) = write_atomic(path, &bytes) {

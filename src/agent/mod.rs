@@ -136,6 +136,21 @@ struct Link {
     retry_at: Option<Instant>,
 }
 
+/// The front report keeps being refused for its content (see
+/// [`DashboardError::refuses_content`]).
+struct Refusal {
+    /// The outbox entry refused.
+    id: u64,
+    count: u32,
+    /// A heartbeat got through since the first refusal: the dashboard is up and refuses only
+    /// this report.
+    dashboard_answered: bool,
+}
+
+/// Refusals of one report, with heartbeats getting through in between, before it is replaced
+/// by a short stand-in (and the stand-in, before it is dropped). A 422 needs only one.
+const REFUSALS_BEFORE_WITHHOLDING: u32 = 3;
+
 enum Delivery {
     Heartbeat(Result<HeartbeatReply, DashboardError>),
     Report {
@@ -187,6 +202,7 @@ pub struct Agent<T: Transport> {
     /// the command's log row with the first status after delivery, which must be the switch's
     /// own final report.
     held_reports: Vec<Report>,
+    refusal: Option<Refusal>,
 }
 
 fn command_label(job: &Job) -> String {
@@ -194,6 +210,38 @@ fn command_label(job: &Job) -> String {
         Job::Run(Ok(c)) => c.name().to_string(),
         Job::Run(Err(raw)) => sanitize_name(raw),
         Job::Resume(_) => "switch (resumed)".into(),
+    }
+}
+
+/// A short report in place of one refused for its content: same outcome and counts, the text
+/// replaced by a note. Returns it with the original text (for the log).
+fn stand_in_for(report: &Report, error: &DashboardError, count: u32) -> (Report, String) {
+    let note = format!(
+        "Report withheld: the dashboard refused it ({}, {count} time(s)); the full text is in \
+         the agent's log",
+        ShortReason(error)
+    );
+    match report {
+        Report::Status(status) => (
+            Report::Status(StatusReport {
+                status: status.status,
+                current_generation: status.current_generation.clone(),
+                output: Some(note),
+                test_status: None,
+            }),
+            status.output.clone().unwrap_or_default(),
+        ),
+        Report::TestProgress(progress) => {
+            let original = [progress.result.as_deref(), progress.comment.as_deref()]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join("\n");
+            let mut short = progress.clone();
+            short.result = None;
+            short.comment = Some(note);
+            (Report::TestProgress(short), original)
+        }
     }
 }
 
@@ -257,12 +305,14 @@ impl<T: Transport> Agent<T> {
             stopping: None,
             resume: None,
             held_reports: Vec::new(),
+            refusal: None,
             report_failed_last: false,
             settings,
         };
         if let Some(running) = startup.left.running {
             agent.report_interrupted(running);
         }
+        let mut held = Vec::new();
         for name in startup.left.queued {
             tracing::warn!(
                 NIXFLEET_COMMAND = %name,
@@ -280,11 +330,12 @@ impl<T: Transport> Agent<T> {
             // While a resumed switch's row is open, any status would close it: hold it.
             if agent.resume.is_some() {
                 agent.held_reports.push(notice);
+                held.push(name);
             } else {
                 agent.outbox.push(notice, None);
             }
         }
-        agent.journal.set_queued(Vec::new());
+        agent.journal.settle_queued(held);
         let started = Report::Status(StatusReport {
             status: Outcome::Ok,
             current_generation: agent.generation.clone(),
@@ -599,6 +650,7 @@ impl<T: Transport> Agent<T> {
                     for report in std::mem::take(&mut self.held_reports) {
                         self.outbox.push(report, None);
                     }
+                    self.journal.release_held();
                 }
                 if let Some(code) = exit
                     && self.stopping.is_none()
@@ -679,6 +731,9 @@ impl<T: Transport> Agent<T> {
         match delivery {
             Delivery::Heartbeat(Ok(reply)) => {
                 self.report_failed_last = false;
+                if let Some(refusal) = &mut self.refusal {
+                    refusal.dashboard_answered = true;
+                }
                 if let Some(token) = reply.agent_token {
                     self.adopt_token(token);
                 }
@@ -701,6 +756,7 @@ impl<T: Transport> Agent<T> {
                 result: Ok(reply),
             } => {
                 self.outbox.pop(id);
+                self.refusal = None;
                 self.report_failed_last = false;
                 self.link_up();
                 if let Some(token) = reply.agent_token {
@@ -711,20 +767,68 @@ impl<T: Transport> Agent<T> {
                 id,
                 result: Err(error),
             } => {
-                if !error.is_retryable() {
-                    if let Some(entry) = self.outbox.front() {
-                        tracing::error!(
-                            "the dashboard refused a report for good ({error}); dropping it: {}",
-                            describe(&entry.report)
-                        );
-                    }
-                    self.outbox.pop(id);
+                if error.refuses_content() && self.on_report_refused(id, &error) {
+                    // Replaced or dropped: what is now in front goes out at once.
                     return;
                 }
                 self.report_failed_last = true;
+                let error = match error {
+                    // A firewall's 403 on a report says nothing about the token (heartbeats
+                    // use the same one): back off, but do not fall back to another token.
+                    DashboardError::Unauthorized { status, detail } => {
+                        DashboardError::Http { status, detail }
+                    }
+                    other => other,
+                };
                 self.on_failure("report", error);
             }
         }
+    }
+
+    /// The front report `id` was refused for its content. After a 422 (the dashboard validated
+    /// it and will refuse it again), or a few refusals while heartbeats get through (a proxy or
+    /// firewall refusing what the output says), it is replaced by a short stand-in that keeps
+    /// its place, so the command's log row still closes with the right outcome; the original
+    /// text goes to the log. A stand-in refused the same way is dropped. Returns whether the
+    /// front changed.
+    fn on_report_refused(&mut self, id: u64, error: &DashboardError) -> bool {
+        let refusal = match &mut self.refusal {
+            Some(refusal) if refusal.id == id => refusal,
+            other => other.insert(Refusal {
+                id,
+                count: 0,
+                dashboard_answered: false,
+            }),
+        };
+        refusal.count += 1;
+        let settled = matches!(error, DashboardError::Validation { .. })
+            || (refusal.count >= REFUSALS_BEFORE_WITHHOLDING && refusal.dashboard_answered);
+        if !settled {
+            return false;
+        }
+        let count = refusal.count;
+        self.refusal = None;
+        let Some(entry) = self.outbox.front().filter(|e| e.id == id) else {
+            return false;
+        };
+        if entry.withheld {
+            tracing::error!(
+                "the dashboard refused even the short stand-in for a report ({error}); dropping \
+                 it: {}",
+                describe(&entry.report)
+            );
+            self.outbox.pop(id);
+            return true;
+        }
+        let (stand_in, original) = stand_in_for(&entry.report, error, count);
+        tracing::error!(
+            "the dashboard refused a report {count} time(s) ({error}) while it answers \
+             heartbeats; sending a short stand-in instead so the command's log row still \
+             closes. The refused report ({}) said:\n{original}",
+            describe(&entry.report)
+        );
+        self.outbox.withhold_front(id, stand_in);
+        true
     }
 
     fn link_up(&mut self) {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::dashboard::Report;
-use crate::store::{quarantine, write_atomic};
+use crate::store::{quarantine, write_atomic, write_atomic_relaxed};
 
 /// At most this many reports wait; past it the oldest intermediate progress goes first, then
 /// the oldest report, with an error in the log naming what was dropped.
@@ -26,6 +26,10 @@ pub struct Entry {
     #[serde(default)]
     pub journal_id: Option<u64>,
     pub report: Report,
+    /// The original was refused for its content; this is the short stand-in (see
+    /// [`Outbox::withhold_front`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub withheld: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -128,6 +132,7 @@ impl Outbox {
             id: self.next_id,
             journal_id,
             report,
+            withheld: false,
         });
         self.persist();
     }
@@ -140,19 +145,39 @@ impl Outbox {
             id: self.next_id,
             journal_id: None,
             report,
+            withheld: false,
         });
         self.persist();
+    }
+
+    /// Replaces the front entry (if it is still `id`) with a short stand-in for a report the
+    /// dashboard keeps refusing for its content; it keeps its place, so it still closes the
+    /// command's log row.
+    pub fn withhold_front(&mut self, id: u64, stand_in: Report) {
+        if let Some(front) = self.entries.front_mut()
+            && front.id == id
+        {
+            front.report = stand_in;
+            front.withheld = true;
+            self.persist();
+        }
     }
 
     /// Removes the delivered front entry.
     pub fn pop(&mut self, id: u64) {
         if self.entries.front().is_some_and(|e| e.id == id) {
             self.entries.pop_front();
-            self.persist();
+            // Losing this write to a power cut only sends the report again; a slow write
+            // would widen the window in which a kill -9 does the same.
+            self.persist_with(write_atomic_relaxed);
         }
     }
 
     fn persist(&self) {
+        self.persist_with(write_atomic);
+    }
+
+    fn persist_with(&self, write: fn(&Path, &[u8]) -> std::io::Result<()>) {
         let Some(path) = &self.path else { return };
         let file = OutboxFile {
             version: VERSION,
@@ -160,7 +185,7 @@ impl Outbox {
             entries: self.entries.clone(),
         };
         let bytes = serde_json::to_vec(&file).expect("outbox serializes");
-        if let Err(e) = write_atomic(path, &bytes) {
+        if let Err(e) = write(path, &bytes) {
             tracing::error!(path = %path.display(), "cannot save the outbox: {e}");
         }
     }

@@ -131,12 +131,21 @@ fn format_details(details: &[(String, String)]) -> String {
 }
 
 impl DashboardError {
-    /// A request error worth retrying later with the same payload. Only a 422 is final: the
-    /// dashboard validated the payload and will refuse it again. Anything else, a 404 or 502
-    /// from a proxy while the dashboard redeploys included, is retried with backoff, because
-    /// dropping a final status is worse than sending it late.
-    pub fn is_retryable(&self) -> bool {
-        !matches!(self, DashboardError::Validation { .. })
+    /// Whether the dashboard, or a proxy or firewall in front of it, refused this request for
+    /// what it carries, so the same body will be refused again: a 422, or a 4xx that is not
+    /// about the token, time or rate (400, 404, 405, 413, 415, ..., and 403, which the v1
+    /// dashboard never sends to agents, so it comes from a firewall). The caller decides
+    /// whether the dashboard itself is answering (a 404 from a proxy while the backend
+    /// redeploys refuses heartbeats too).
+    pub fn refuses_content(&self) -> bool {
+        match self {
+            DashboardError::Validation { .. } => true,
+            DashboardError::Unauthorized { status, .. } => *status == 403,
+            DashboardError::Http { status, .. } => {
+                (400..500).contains(status) && !matches!(status, 401 | 408 | 429)
+            }
+            _ => false,
+        }
     }
 
     /// Whether this means "cannot reach the dashboard" rather than "it answered badly".

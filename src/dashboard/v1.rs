@@ -273,7 +273,20 @@ mod tests {
     fn rate_limit_500_is_retryable_and_401_is_auth() {
         let err = error_for(StatusCode::INTERNAL_SERVER_ERROR, b"Internal Server Error");
         assert_eq!(err, DashboardError::ServerError);
-        assert!(err.is_retryable());
+        assert!(!err.refuses_content());
+        for (code, refuses) in [
+            (400, true),
+            (403, true),
+            (404, true),
+            (413, true),
+            (408, false),
+            (429, false),
+            (401, false),
+            (502, false),
+        ] {
+            let err = error_for(StatusCode::from_u16(code).unwrap(), b"{}");
+            assert_eq!(err.refuses_content(), refuses, "HTTP {code}: {err:?}");
+        }
         let err = error_for(
             StatusCode::UNAUTHORIZED,
             br#"{"detail":"Invalid API token"}"#,

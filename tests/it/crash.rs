@@ -226,7 +226,7 @@ fn queued_commands_are_reported_not_run_after_a_crash() {
     h.dash.force_command(HOST, "switch");
     assert!(agent.wait_log(T, "switch: Switch"));
     h.dash.force_command(HOST, "pull");
-    assert!(h.wait_status(T, "Queued: pull"));
+    assert!(h.wait_delivered(T, "Queued: pull"));
     agent.kill9();
     let _agent = h.spawn();
     assert!(

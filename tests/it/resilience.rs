@@ -107,8 +107,9 @@ fn validation_error_detail_is_logged_once() {
     );
     std::thread::sleep(Duration::from_secs(3));
     let log = agent.log();
-    // Many refused heartbeats, one log line about them; the refused start report is dropped
-    // (the same payload would be refused again) with a line naming it.
+    // Many refused heartbeats, one log line about them; the refused start report is replaced
+    // by a short stand-in (the same payload would be refused again), and when that is refused
+    // too it is dropped with a line naming it: nothing retries a 422 forever.
     let attempts = h.requests(Endpoint::Register).len();
     assert!(attempts >= 2, "{attempts}");
     let lines: Vec<_> = log
@@ -116,8 +117,16 @@ fn validation_error_detail_is_logged_once() {
         .filter(|l| l.contains("rejected the heartbeat"))
         .collect();
     assert_eq!(lines.len(), 1, "{log}");
+    assert!(log.contains("short stand-in instead"), "{log}");
+    assert!(log.contains("Agent started ("), "{log}");
     assert!(
-        log.contains("dropping it: status Ok: Agent started"),
+        log.contains(
+            "refused even the short stand-in for a report (dashboard rejected the request (HTTP 422"
+        ),
+        "{log}"
+    );
+    assert!(
+        log.contains("dropping it: status Ok: Report withheld"),
         "{log}"
     );
 }

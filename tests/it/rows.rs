@@ -151,7 +151,7 @@ fn not_run_notice_waits_for_the_resumed_switch_report() {
         agent.log()
     );
     h.dash.force_command(HOST, "pull");
-    assert!(h.wait_status(T, "Queued: pull"), "{:?}", h.statuses());
+    assert!(h.wait_delivered(T, "Queued: pull"), "{:?}", h.statuses());
     agent.kill9();
     let _agent = h.spawn();
     assert!(h.wait_status(T, "Switch: switched"), "{:?}", h.statuses());
@@ -167,6 +167,102 @@ fn not_run_notice_waits_for_the_resumed_switch_report() {
         ("ok", "Switch: switched"),
         "{r:#?}"
     );
+}
+
+/// The held "not run" notice survives a second restart: the instance that was resuming the
+/// switch stops before the switch ends, and the third instance still reports the queued
+/// command as not run, after the switch's own result.
+#[test]
+fn held_not_run_notice_survives_a_stop_while_resuming() {
+    let mut h = Harness::new();
+    h.legacy_repo();
+    h.set("NIXFLEET_SWITCH_ISOLATION", "session");
+    h.stand_in("nixos-rebuild", "sleep 6; echo switched");
+    let mut agent = h.spawn();
+    assert!(h.wait_status(T, "Agent started"));
+    h.dash.force_command(HOST, "switch");
+    assert!(
+        agent.wait_log(T, "detached from the agent"),
+        "{}",
+        agent.log()
+    );
+    h.dash.force_command(HOST, "pull");
+    assert!(h.wait_delivered(T, "Queued: pull"), "{:?}", h.statuses());
+    agent.kill9();
+    let mut agent = h.spawn();
+    assert!(agent.wait_log(T, "resuming a switch"), "{}", agent.log());
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait_exit(T).is_some());
+    assert!(
+        !h.statuses().iter().any(|s| s.contains("was not run")),
+        "the notice must wait for the switch: {:?}",
+        h.statuses()
+    );
+    let _agent = h.spawn();
+    assert!(h.wait_status(T, "Switch: switched"), "{:?}", h.statuses());
+    assert!(
+        h.wait_status(T, "Command pull was not run"),
+        "{:?}",
+        h.statuses()
+    );
+    let statuses = h.statuses();
+    let switched = statuses.iter().position(|s| s == "Switch: switched");
+    let not_run = statuses
+        .iter()
+        .position(|s| s.contains("Command pull was not run"));
+    assert!(switched < not_run, "{statuses:?}");
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| s.contains("was not run"))
+            .count(),
+        1,
+        "{statuses:?}"
+    );
+    let r = rows(&h);
+    let switch = r.iter().find(|r| r.0 == "switch").unwrap();
+    assert_eq!(
+        (switch.1.as_str(), switch.2.as_str()),
+        ("ok", "Switch: switched"),
+        "{r:#?}"
+    );
+}
+
+/// A firewall in front of the dashboard refuses a report for what the output says, while
+/// heartbeats get through: after a few refusals a short stand-in takes its place, so the
+/// switch's row closes with the right outcome and later reports are not stuck behind it. The
+/// refused text is in the agent's log.
+#[test]
+fn report_refused_for_its_content_is_replaced_by_a_stand_in() {
+    let mut h = Harness::new();
+    h.legacy_repo();
+    h.set("NIXFLEET_SWITCH_ISOLATION", "none");
+    h.stand_in("nixos-rebuild", "echo 'building; DROP TABLE hosts'; exit 1");
+    let agent = h.spawn();
+    assert!(h.wait_status(T, "Agent started"));
+    h.dash
+        .set_mode(Mode::RefuseBodyContaining("DROP TABLE".into(), 403));
+    h.dash.force_command(HOST, "switch");
+    assert!(
+        h.wait_status(Duration::from_secs(30), "Report withheld"),
+        "{:?}\n{}",
+        h.statuses(),
+        agent.log()
+    );
+    let refused = h
+        .requests(Endpoint::Status)
+        .iter()
+        .filter(|r| r.response_status == 403)
+        .count();
+    assert!(refused >= 3, "{refused}");
+    assert!(agent.log().contains("DROP TABLE hosts"), "{}", agent.log());
+    let r = rows(&h);
+    let switch = r.iter().find(|r| r.0 == "switch").unwrap();
+    assert_eq!(switch.1, "error", "{r:#?}");
+    assert!(switch.2.contains("HTTP 403, 3 time(s)"), "{r:#?}");
+    // Not stuck: the next command reports normally.
+    h.dash.force_command(HOST, "pull");
+    assert!(h.wait_status(T, "Pull"), "{:?}", h.statuses());
 }
 
 /// /status refused while /register works, then the other way round: the pending report is

@@ -111,6 +111,9 @@ pub enum Mode {
     Status(u16),
     /// Like `Status`, but only for requests to this endpoint; the others are answered normally.
     EndpointStatus(Endpoint, u16),
+    /// A proxy or web application firewall in front of the dashboard: a request whose body
+    /// contains this text is refused with this status; the others are answered normally.
+    RefuseBodyContaining(String, u16),
 }
 
 /// Which endpoint a request was for.

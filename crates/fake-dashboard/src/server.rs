@@ -405,6 +405,15 @@ async fn respond(
                 }
                 return process(shared, peer, route, bytes, content_type, bearer);
             }
+            Mode::RefuseBodyContaining(needle, code) => {
+                if bytes
+                    .windows(needle.len().max(1))
+                    .any(|w| w == needle.as_bytes())
+                {
+                    return body::canned_status(code);
+                }
+                return process(shared, peer, route, bytes, content_type, bearer);
+            }
         }
     }
 }

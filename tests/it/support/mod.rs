@@ -275,6 +275,18 @@ impl Harness {
         })
     }
 
+    /// Waits until the dashboard has `needle` *and* the agent has taken it out of its outbox
+    /// on disk. A test that kills the agent right after a report arrives must wait for this:
+    /// a kill between the dashboard's answer and the outbox write re-sends the report after
+    /// the restart (at-least-once delivery, the documented window).
+    pub fn wait_delivered(&self, timeout: Duration, needle: &str) -> bool {
+        let outbox = self.state_dir.join("outbox.json");
+        self.wait_status(timeout, needle)
+            && wait_until(timeout, || {
+                !fs::read_to_string(&outbox).is_ok_and(|s| s.contains(needle))
+            })
+    }
+
     pub fn status_bodies(&self) -> Vec<serde_json::Value> {
         self.requests(Endpoint::Status)
             .into_iter()

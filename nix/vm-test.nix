@@ -9,15 +9,11 @@
     environment.systemPackages = [ pkgs.curl pkgs.jq ];
     networking.firewall.allowedTCPPorts = [ 8000 ];
 
-    # The fake binds 127.0.0.1 only (agent API 18000, control API 8001, used from this node);
-    # socat exposes the agent API to the test network as dashboard:8000.
+    # Agent API on the test network (dashboard:8000); the control API stays on 127.0.0.1:8001
+    # and is used from this node.
     systemd.services.fake-dashboard = {
       wantedBy = [ "multi-user.target" ];
-      serviceConfig.ExecStart = "${lib.getExe fake-dashboard} --port 18000 --control-port 8001 --shared-token test-shared-token";
-    };
-    systemd.services.fake-dashboard-forward = {
-      wantedBy = [ "multi-user.target" ];
-      serviceConfig.ExecStart = "${lib.getExe pkgs.socat} TCP-LISTEN:8000,fork,reuseaddr TCP:127.0.0.1:18000";
+      serviceConfig.ExecStart = "${lib.getExe fake-dashboard} --bind 0.0.0.0 --port 8000 --control-port 8001 --shared-token test-shared-token";
     };
   };
 
@@ -41,8 +37,6 @@
   testScript = ''
     start_all()
     dashboard.wait_for_unit("fake-dashboard.service")
-    dashboard.wait_for_unit("fake-dashboard-forward.service")
-    dashboard.wait_for_open_port(18000)
     dashboard.wait_for_open_port(8000)
 
     agent.wait_for_unit("multi-user.target")

@@ -775,9 +775,13 @@ impl<T: Transport> Agent<T> {
                 let error = match error {
                     // A firewall's 403 on a report says nothing about the token (heartbeats
                     // use the same one): back off, but do not fall back to another token.
-                    DashboardError::Unauthorized { status, detail } => {
-                        DashboardError::Http { status, detail }
-                    }
+                    DashboardError::Unauthorized {
+                        status: 403,
+                        detail,
+                    } => DashboardError::Http {
+                        status: 403,
+                        detail,
+                    },
                     other => other,
                 };
                 self.on_failure("report", error);

@@ -1,4 +1,4 @@
-//! An in-memory fake of the NixFleet v1 dashboard's agent-facing API, bound to `127.0.0.1`.
+//! An in-memory fake of the NixFleet v1 dashboard's agent-facing API, bound to `127.0.0.1` by default.
 //!
 //! It implements protocol-v1 §1–§4, §8 and the §10 "compatible fake dashboard" checklist:
 //! pydantic-shaped 422s before the rate limit, 400 bad host id, 401 auth with shared and
@@ -55,6 +55,9 @@ pub struct Options {
     pub tls: bool,
     /// Enforce §8's per-IP, per-endpoint limits, answering 500 like the real server.
     pub rate_limit: bool,
+    /// Address of the main port: `127.0.0.1` unless a test network needs more (the NixOS VM
+    /// test binds `0.0.0.0`).
+    pub bind: std::net::IpAddr,
     /// Main port; 0 picks a free one.
     pub port: u16,
     /// Observer for every answered request (the binary logs with it).
@@ -69,6 +72,7 @@ impl Default for Options {
             provision_tokens: true,
             tls: false,
             rate_limit: false,
+            bind: std::net::Ipv4Addr::LOCALHOST.into(),
             port: 0,
             on_request: None,
         }
@@ -83,6 +87,7 @@ impl fmt::Debug for Options {
             .field("provision_tokens", &self.provision_tokens)
             .field("tls", &self.tls)
             .field("rate_limit", &self.rate_limit)
+            .field("bind", &self.bind)
             .field("port", &self.port)
             .field("on_request", &self.on_request.as_ref().map(|_| "<hook>"))
             .finish()
@@ -211,7 +216,7 @@ impl fmt::Debug for FakeDashboard {
 }
 
 impl FakeDashboard {
-    /// Binds `127.0.0.1:opts.port` and starts serving. Panics only if binding (or certificate
+    /// Binds `opts.bind:opts.port` and starts serving. Panics only if binding (or certificate
     /// generation) fails.
     pub fn start(opts: Options) -> FakeDashboard {
         Self::try_start(opts).unwrap_or_else(|e| panic!("fake-dashboard: cannot start: {e}"))
@@ -224,7 +229,7 @@ impl FakeDashboard {
         } else {
             None
         };
-        let listener = std::net::TcpListener::bind(("127.0.0.1", opts.port))?;
+        let listener = std::net::TcpListener::bind((opts.bind, opts.port))?;
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
         let shared = Arc::new(Shared::new(opts));

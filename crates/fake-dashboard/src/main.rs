@@ -12,12 +12,13 @@ use std::sync::Arc;
 use fake_dashboard::{FakeDashboard, Options, RecordedRequest};
 use tokio::signal::unix::{SignalKind, signal};
 
-const USAGE: &str = "usage: fake-dashboard [--port N] [--control-port N] [--tls] [--shared-token T] \
+const USAGE: &str = "usage: fake-dashboard [--bind ADDR] [--port N] [--control-port N] [--tls] [--shared-token T] \
                      [--no-provision] [--no-shared] [--rate-limit]";
 
 /// Parsed command line.
 #[derive(Debug, Default)]
 struct Args {
+    bind: Option<std::net::IpAddr>,
     port: u16,
     control_port: u16,
     tls: bool,
@@ -32,6 +33,13 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Option<Args>, Stri
     while let Some(flag) = it.next() {
         let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
         match flag.as_str() {
+            "--bind" => {
+                let text = value("--bind")?;
+                args.bind = Some(
+                    text.parse()
+                        .map_err(|_| format!("{text:?} is not an IP address"))?,
+                );
+            }
             "--port" => args.port = parse_port(&value("--port")?)?,
             "--control-port" => args.control_port = parse_port(&value("--control-port")?)?,
             "--tls" => args.tls = true,
@@ -68,6 +76,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         provision_tokens: !args.no_provision,
         tls: args.tls,
         rate_limit: args.rate_limit,
+        bind: args.bind.unwrap_or(defaults.bind),
         port: args.port,
         on_request: Some(Arc::new(log_line)),
     };
@@ -120,5 +129,48 @@ fn main() -> ExitCode {
             eprintln!("fake-dashboard: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Option<Args>, String> {
+        parse_args(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn bind_address_is_parsed_and_checked() {
+        let args = parse(&["--bind", "0.0.0.0", "--port", "8000"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(args.bind, Some("0.0.0.0".parse().unwrap()));
+        assert_eq!(args.port, 8000);
+        assert_eq!(parse(&[]).unwrap().unwrap().bind, None);
+        let err = parse(&["--bind", "dashboard"]).err().unwrap();
+        assert!(err.contains("not an IP address"), "{err}");
+        assert!(parse(&["--bind"]).is_err());
+    }
+
+    #[test]
+    fn serves_on_all_addresses_when_bound_to_0_0_0_0() {
+        let dash = FakeDashboard::try_start(Options {
+            bind: "0.0.0.0".parse().unwrap(),
+            ..Options::default()
+        })
+        .unwrap();
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", dash.port())).unwrap();
+        use std::io::Read as _;
+        write!(
+            stream,
+            "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(reply.contains("healthy"), "{reply}");
+        dash.stop();
     }
 }

@@ -155,7 +155,9 @@ async fn accept_loop(
     tls: Option<TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let port = first.local_addr().map(|a| a.port()).unwrap_or(0);
+    let addr = first
+        .local_addr()
+        .unwrap_or(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)));
     let mut listener = Some(first);
     let mut mode_rx = shared.mode.subscribe();
     loop {
@@ -168,7 +170,7 @@ async fn accept_loop(
             shared.set_listening(false);
         }
         if !down && listener.is_none() {
-            match rebind(port, &mut shutdown).await {
+            match rebind(addr, &mut shutdown).await {
                 Some(l) => {
                     listener = Some(l);
                     shared.set_listening(true);
@@ -196,13 +198,17 @@ async fn accept_loop(
     }
 }
 
-/// Binds `127.0.0.1:port` again, retrying while something else briefly holds it.
+/// Binds `addr` (the first listener's) again, retrying while something else briefly holds it.
 /// `None` means shutdown was requested meanwhile.
-async fn rebind(port: u16, shutdown: &mut watch::Receiver<bool>) -> Option<TcpListener> {
-    let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
+async fn rebind(addr: SocketAddr, shutdown: &mut watch::Receiver<bool>) -> Option<TcpListener> {
     let mut attempt = 0u32;
     loop {
-        let bound = TcpSocket::new_v4().and_then(|s| {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        };
+        let bound = socket.and_then(|s| {
             s.set_reuseaddr(true)?;
             s.bind(addr)?;
             s.listen(1024)

@@ -51,8 +51,9 @@ in
 
       # The agent runs the switch that changes this unit: switch-to-configuration must not
       # restart it (that would cut the switch's report short), nor stop it when the module is
-      # removed. A new binary makes the agent exit 10 after reporting, and systemd starts the
-      # new unit then. Changed settings apply at the next restart (dashboard `restart`).
+      # removed. Instead, after a switch that installed a new binary or changed this unit
+      # (new settings), the agent reports, then exits 10, and systemd starts the new unit
+      # (NIXFLEET_AGENT_PATH and NIXFLEET_RESTART_ON_CHANGE below).
       restartIfChanged = false;
       unitConfig.X-StopOnRemoval = false;
 
@@ -70,6 +71,9 @@ in
         # What systemd starts next time, resolved: a switch that installs a new agent makes it
         # exit 10 after reporting, and systemd starts the new ExecStart.
         NIXFLEET_AGENT_PATH = "/run/current-system/sw/bin/nixfleet-agent";
+        # A switch that changes this unit (any option above: settings, package, environment)
+        # makes the agent report, then exit 10; systemd starts the new definition.
+        NIXFLEET_RESTART_ON_CHANGE = "/etc/systemd/system/nixfleet-agent.service";
       } // cfg.extraEnvironment;
 
       serviceConfig = {

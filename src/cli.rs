@@ -293,6 +293,9 @@ fn run(flags: &Flags) -> u8 {
     let (journal, left) = Journal::load(state_dir.join("journal.json"));
     let settings = Arc::new(settings);
     let runner = Runner::new(settings.timeouts.kill_grace);
+    let definition = Arc::new(crate::definition::Definition::snapshot(
+        &settings.restart_on_change,
+    ));
 
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -328,6 +331,7 @@ fn run(flags: &Flags) -> u8 {
             left,
             notifier,
             progress,
+            definition,
         };
         Agent::new(startup, transport, os).run(shutdown).await
     });

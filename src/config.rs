@@ -107,6 +107,7 @@ settings_table! {
     "switch_isolation" => "NIXFLEET_SWITCH_ISOLATION";
     "switch_lock" => "NIXFLEET_SWITCH_LOCK";
     "agent_path" => "NIXFLEET_AGENT_PATH";
+    "restart_on_change" => "NIXFLEET_RESTART_ON_CHANGE";
     "state_dir" => "NIXFLEET_STATE_DIR", "--state-dir";
     "runtime_dir" => "NIXFLEET_RUNTIME_DIR", "--runtime-dir";
     "log" => "NIXFLEET_LOG";
@@ -414,6 +415,9 @@ pub struct Settings {
     /// The binary the supervisor starts next time; after a switch, a different file here
     /// means "exit 10 and let the supervisor start the new one".
     pub agent_path: Option<PathBuf>,
+    /// Files that define the service (its unit, its config): a switch that changes one makes
+    /// the agent report, then exit 10 so the supervisor starts the new definition.
+    pub restart_on_change: Vec<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub runtime_dir: Option<PathBuf>,
     pub log_filter: Option<String>,
@@ -951,6 +955,28 @@ impl Settings {
             }
         };
 
+        let restart_on_change = match raw.get("restart_on_change") {
+            None => Vec::new(),
+            Some(v) => v
+                .value
+                .split(':')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let path = PathBuf::from(p);
+                    if path.is_absolute() {
+                        Ok(path)
+                    } else {
+                        Err(ConfigError::invalid(
+                            "restart_on_change",
+                            v,
+                            "must be absolute paths separated by ':'",
+                        ))
+                    }
+                })
+                .collect::<Result<_, _>>()?,
+        };
+
         Ok(Settings {
             url,
             allow_insecure_http,
@@ -979,6 +1005,7 @@ impl Settings {
             switch_lock: path_setting("switch_lock")?
                 .unwrap_or_else(|| PathBuf::from("/run/nixos/switch-to-configuration.lock")),
             agent_path: path_setting("agent_path")?,
+            restart_on_change,
             state_dir: path_setting("state_dir")?,
             runtime_dir: path_setting("runtime_dir")?,
             log_filter: raw.get("log").map(|v| v.value.trim().to_string()),
@@ -1238,5 +1265,37 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(s.repo, RepoMode::Isolated { ref branch, .. } if branch == "main"));
+    }
+
+    #[test]
+    fn restart_on_change_takes_absolute_paths() {
+        let s = settings(
+            &with(&[(
+                "NIXFLEET_RESTART_ON_CHANGE",
+                "/etc/systemd/system/nixfleet-agent.service: /etc/nixfleet-agent/agent.toml:",
+            )]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            s.restart_on_change,
+            [
+                PathBuf::from("/etc/systemd/system/nixfleet-agent.service"),
+                PathBuf::from("/etc/nixfleet-agent/agent.toml")
+            ]
+        );
+        let err = settings(
+            &with(&[("NIXFLEET_RESTART_ON_CHANGE", "agent.service")]),
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.contains("NIXFLEET_RESTART_ON_CHANGE"), "{err}");
+        assert!(err.contains("absolute"), "{err}");
+        assert!(
+            settings(&with(&[]), &[])
+                .unwrap()
+                .restart_on_change
+                .is_empty()
+        );
     }
 }

@@ -10,8 +10,9 @@
 pub const OK: u8 = 0;
 /// An unexpected runtime failure (a bug, or the OS refusing something basic). Restarted.
 pub const FAILURE: u8 = 1;
-/// A successful switch replaced the agent's own executable: exit so the supervisor starts the
-/// new binary. `RestartForceExitStatus=10`.
+/// A successful switch replaced the agent's own executable or changed its service definition
+/// (`NIXFLEET_RESTART_ON_CHANGE`): exit so the supervisor starts the new one.
+/// `RestartForceExitStatus=10`.
 pub const RESTART_NEW_BINARY: u8 = 10;
 /// The stall monitor found the main loop wedged and aborted the process (EX_SOFTWARE).
 /// Restarted.

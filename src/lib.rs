@@ -9,6 +9,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod dashboard;
+pub mod definition;
 pub mod detach;
 pub mod exec;
 pub mod exit;

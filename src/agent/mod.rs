@@ -109,6 +109,8 @@ pub struct Startup {
     pub left: crate::store::Left,
     pub notifier: Notifier,
     pub progress: Arc<Progress>,
+    /// The service definition as it was at startup.
+    pub definition: Arc<crate::definition::Definition>,
 }
 
 struct Running {
@@ -203,6 +205,7 @@ pub struct Agent<T: Transport> {
     /// own final report.
     held_reports: Vec<Report>,
     refusal: Option<Refusal>,
+    definition: Arc<crate::definition::Definition>,
 }
 
 fn command_label(job: &Job) -> String {
@@ -306,6 +309,7 @@ impl<T: Transport> Agent<T> {
             resume: None,
             held_reports: Vec::new(),
             refusal: None,
+            definition: startup.definition,
             report_failed_last: false,
             settings,
         };
@@ -571,6 +575,7 @@ impl<T: Transport> Agent<T> {
             runner: self.runner.clone(),
             events: self.events_tx.clone(),
             cancel: cancel.clone(),
+            definition: self.definition.clone(),
         };
         tokio::spawn(commands::execute(ctx, job));
         let now = Instant::now();

@@ -120,6 +120,8 @@ pub struct Context {
     pub runner: Runner,
     pub events: mpsc::UnboundedSender<ExecEvent>,
     pub cancel: CancellationToken,
+    /// The service definition as it was at startup (compared after a successful switch).
+    pub definition: Arc<crate::definition::Definition>,
 }
 
 /// Result of one step: the runner's outcome, or a spawn failure turned into text.

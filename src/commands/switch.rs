@@ -197,10 +197,20 @@ fn report_success(ctx: &Context, text: &str) -> SwitchResult {
         let system = PathBuf::from("/run/current-system/sw/bin/nixfleet-agent");
         system.exists().then_some(system)
     });
-    let exit = binary_replaced(installed.as_deref(), own_executable().as_deref()).then(|| {
+    let exit = if binary_replaced(installed.as_deref(), own_executable().as_deref()) {
         tracing::info!("the switch installed a new agent binary; restarting into it");
-        crate::exit::RESTART_NEW_BINARY
-    });
+        Some(crate::exit::RESTART_NEW_BINARY)
+    } else if let Some(file) = ctx.definition.changed() {
+        tracing::info!(
+            file = %file.display(),
+            "the switch changed the agent's service definition ({}); restarting so the \
+             supervisor starts the new one",
+            file.display()
+        );
+        Some(crate::exit::RESTART_NEW_BINARY)
+    } else {
+        None
+    };
     SwitchResult {
         ok: true,
         exit,

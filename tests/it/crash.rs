@@ -269,6 +269,8 @@ fn chaos_random_kill_9_every_command_gets_exactly_one_final_report() {
     for i in 0..12 {
         let command = commands[i % commands.len()];
         let before = h.dash.command_log(HOST).len();
+        let received = format!("received command {command}");
+        let seen_before = agent.log().matches(&received).count();
         // The v1 dashboard drops a command queued while a test runs (its final test-progress
         // clears the slot, contract §3.4 [bug]); queue again until it is delivered.
         let delivered = (0..3).any(|_| {
@@ -278,6 +280,14 @@ fn chaos_random_kill_9_every_command_gets_exactly_one_final_report() {
             })
         });
         assert!(delivered, "{command} not delivered: {}", agent.log());
+        // v1 delivery is at most once (no ack, contract §3.1): a kill between the dashboard
+        // handing the command out and the agent reading the reply loses it, and no agent can
+        // know. The kills here start once the agent has it; from then on nothing may be lost.
+        assert!(
+            wait_until(T, || agent.log().matches(&received).count() > seen_before),
+            "{command} delivered but not received: {}",
+            agent.log()
+        );
         std::thread::sleep(Duration::from_millis(next() % 900));
         if next() % 2 == 0 {
             agent.kill9();
@@ -298,8 +308,8 @@ fn chaos_random_kill_9_every_command_gets_exactly_one_final_report() {
         finals(),
         statuses.len()
     );
-    assert!(settled, "{statuses:#?}\n{}", agent.log());
-    assert_eq!(finals(), rows.len(), "{statuses:#?}");
+    assert!(settled, "{statuses:#?}\n{rows:#?}\n{}", agent.log());
+    assert_eq!(finals(), rows.len(), "{statuses:#?}\n{rows:#?}");
     let rows = h.dash.command_log(HOST);
     assert!(rows.iter().all(|r| r.completed_at.is_some()), "{rows:#?}");
 }
@@ -325,6 +335,61 @@ fn switch_that_installs_a_new_agent_binary_reports_then_exits_10() {
         h.statuses()
     );
     assert!(agent.log().contains("new agent binary"), "{}", agent.log());
+}
+
+/// NixOS's `restartIfChanged = false` leaves the agent running through the switch that
+/// changes its unit; the agent notices (NIXFLEET_RESTART_ON_CHANGE), reports, then exits 10 so
+/// systemd starts the new definition. A switch that leaves the unit alone keeps it running.
+#[test]
+fn switch_that_changes_the_agent_unit_reports_then_exits_10() {
+    let mut h = Harness::new();
+    h.legacy_repo();
+    h.set("NIXFLEET_SWITCH_ISOLATION", "none");
+    let store = h.tmp.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    std::fs::write(store.join("old.service"), "[Service]\nExecStart=/old\n").unwrap();
+    std::fs::write(store.join("new.service"), "[Service]\nExecStart=/new\n").unwrap();
+    let unit = h.tmp.path().join("nixfleet-agent.service");
+    std::os::unix::fs::symlink(store.join("old.service"), &unit).unwrap();
+    h.set("NIXFLEET_RESTART_ON_CHANGE", unit.display().to_string());
+    let flag = h.tmp.path().join("change-unit");
+    h.stand_in(
+        "nixos-rebuild",
+        &format!(
+            "if [ -e '{flag}' ]; then ln -sfn '{new}' '{unit}'; fi; echo activated",
+            flag = flag.display(),
+            new = store.join("new.service").display(),
+            unit = unit.display()
+        ),
+    );
+    let mut agent = h.spawn();
+    assert!(h.wait_status(T, "Agent started"));
+
+    h.dash.force_command(HOST, "switch");
+    assert!(h.wait_status(T, "Switch: activated"), "{:?}", h.statuses());
+    assert!(
+        agent.wait_exit(Duration::from_secs(1)).is_none(),
+        "unchanged unit: keeps running\n{}",
+        agent.log()
+    );
+
+    std::fs::write(&flag, "").unwrap();
+    h.dash.force_command(HOST, "switch");
+    let status = agent.wait_exit(T).expect("agent exits after the switch");
+    assert_eq!(status.code(), Some(10), "{}", agent.log());
+    let activated = h
+        .statuses()
+        .iter()
+        .filter(|s| *s == "Switch: activated")
+        .count();
+    assert_eq!(activated, 2, "reported before exiting: {:?}", h.statuses());
+    assert!(
+        agent
+            .log()
+            .contains("changed the agent's service definition"),
+        "{}",
+        agent.log()
+    );
 }
 
 /// Holds an flock on `path` in one child process (like `switch-to-configuration` does) until

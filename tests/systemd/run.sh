@@ -464,6 +464,47 @@ else
   fi
 fi
 
+# ---- 12. a switch that changes the agent's own unit: reported, exit 10, new unit started -------
+# NixOS does not restart the agent during its switch (restartIfChanged = false); the agent
+# compares its unit file after the switch (NIXFLEET_RESTART_ON_CHANGE in the shipped unit). The
+# stand-in nixos-rebuild edits the unit as switch-to-configuration would (a new Environment=
+# line, then daemon-reload); the agent reports the switch, exits 10, and systemd
+# (RestartForceExitStatus=10) starts the new definition, which registers with the new location.
+t12=$(date +%s.%N)
+ct sh -c 'cat > /run/current-system/sw/bin/nixos-rebuild; chmod 755 /run/current-system/sw/bin/nixos-rebuild' <<EOF
+#!/bin/sh
+sed -i '/^\[Service\]/a Environment=NIXFLEET_LOCATION=ci-rack-2' /etc/systemd/system/$unit
+systemctl daemon-reload
+echo "activated new unit (\$*)"
+EOF
+new_location_registered() { control GET /_fake/requests | grep -q '"location":"ci-rack-2"'; }
+exited_10() { journal | grep -E 'status=10(/|$| )' >/dev/null; }
+pid=$(prop MainPID) n0=$(prop NRestarts) s0=$(count_outputs 'Switch: activated new unit')
+if [ "$(prop ActiveState)" != active ] || ! wait_until 10 status_ok; then
+  fail restart-on-unit-change "the agent is not running before the check: $(prop ActiveState)/$(prop SubState)"
+elif new_location_registered; then
+  fail restart-on-unit-change "not a clean start: location ci-rack-2 registered already"
+else
+  out=$(control POST /_fake/command/cthost '{"command":"switch","force":true}' 2>&1)
+  if ! grep -q '"forced"' <<<"$out"; then
+    fail restart-on-unit-change "queueing switch through the control API failed: $out"
+  elif ! wait_until 30 nrestarts_above "$n0"; then
+    fail restart-on-unit-change "NRestarts still $(prop NRestarts) 30 s after a switch that changed the unit; state $(prop ActiveState)/$(prop SubState), reports: $(outputs | tail -3)"
+  elif ! wait_until 15 is_active_with_new_pid "$pid"; then
+    fail restart-on-unit-change "not active/running with a new pid: $(prop ActiveState)/$(prop SubState) pid $(prop MainPID)"
+  elif ! wait_until 15 new_location_registered; then
+    fail restart-on-unit-change "the restarted agent (pid $(prop MainPID)) never registered with NIXFLEET_LOCATION from the new unit"
+  elif [ "$(count_outputs 'Switch: activated new unit')" != $((s0 + 1)) ]; then
+    fail restart-on-unit-change "expected exactly one new 'Switch: activated new unit' report, got $(count_outputs 'Switch: activated new unit') (was $s0): $(outputs | tail -5)"
+  elif ! journal_has "changed the agent's service definition"; then
+    fail restart-on-unit-change "no 'changed the agent's service definition' line in the journal"
+  elif ! exited_10; then
+    fail restart-on-unit-change "systemd did not log the main process exiting with status 10: $(journal | grep -i 'main process' | tail -2)"
+  else
+    pass restart-on-unit-change "switch reported once, exit 10, NRestarts $n0 -> $(prop NRestarts), new pid $(prop MainPID) registered with the new unit's location; $(elapsed "$t12")s"
+  fi
+fi
+
 echo "total $(elapsed "$T0") s"
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -16,9 +16,11 @@
 //! too, and the output pipe is read for at most [`PIPE_DRAIN_BOUND`] more, so a grandchild that
 //! keeps the pipe open can never hang the agent.
 //!
-//! Limitation: a grandchild that calls `setsid`/`setpgid` (a daemon, `git gc --auto` detaching,
-//! `setsid foo &`) leaves the group and is not killed here; `run` still returns promptly. On
-//! systemd hosts the unit's `KillMode=control-group` collects such escapees when the agent
+//! A descendant that called `setsid`/`setpgid` (a daemon, `setsid foo &`) has left the group.
+//! On a timeout or cancellation, Linux finds those still linked to the child through `/proc`
+//! and signals them with the group (`escaped.rs`, pidfd-pinned). Limitation: one whose parent
+//! already exited (re-parented to PID 1), or any on macOS, is not found; `run` still returns
+//! promptly, and on systemd hosts `KillMode=mixed` collects such processes when the agent
 //! stops. A process stuck in uninterruptible sleep cannot be killed by anyone; `run` gives up
 //! waiting for it after [`KILL_REAP_BOUND`] and a background thread reaps it later.
 //!
@@ -27,6 +29,7 @@
 
 mod capture;
 mod env;
+mod escaped;
 #[cfg(test)]
 mod tests;
 #[cfg(unix)]
@@ -431,8 +434,19 @@ impl Runner {
         capture: &mut Capture,
         label: &str,
     ) {
+        // Found while the leader lives and the tree is intact (see `escaped`).
+        let escaped = escaped::Escaped::find(group.pgid(), group.pgid());
+        if !escaped.pids().is_empty() {
+            tracing::info!(
+                label, pgid = group.pgid(), pids = ?escaped.pids(),
+                "descendants left the child's process group (setsid); stopping them too"
+            );
+        }
         group.signal(Signal::SIGTERM);
+        escaped.signal(Signal::SIGTERM);
         if wait_reaped(reaped, pipe, capture, self.kill_grace).await {
+            // What is left of the group gets SIGKILL from the reaper; these, from here.
+            escaped.signal(Signal::SIGKILL);
             return;
         }
         tracing::info!(
@@ -440,6 +454,7 @@ impl Runner {
             "child ignored SIGTERM; killing its process group"
         );
         group.signal(Signal::SIGKILL);
+        escaped.signal(Signal::SIGKILL);
         if !wait_reaped(reaped, pipe, capture, KILL_REAP_BOUND).await {
             tracing::warn!(
                 label,

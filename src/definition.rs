@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 /// misconfigured path to a binary) is still compared by its resolved path and first MiB.
 const MAX_HASHED: u64 = 1 << 20;
 
-/// One watched file as it was: `None` when it did not exist or could not be read.
+/// One watched file as it was (kept as an `Option`: `None` when it did not exist or could not
+/// be read).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Fingerprint {
     resolved: PathBuf,
@@ -29,15 +30,23 @@ struct Fingerprint {
 
 fn fingerprint(path: &Path) -> Option<Fingerprint> {
     let resolved = path.canonicalize().ok()?;
+    let meta = std::fs::metadata(&resolved).ok()?;
+    if !meta.is_file() {
+        // A FIFO would block the open, a directory cannot be read: compare the path only.
+        return Some(Fingerprint {
+            resolved,
+            len: 0,
+            content_hash: 0,
+        });
+    }
     let file = std::fs::File::open(&resolved).ok()?;
-    let len = file.metadata().ok()?.len();
     let mut hasher = DefaultHasher::new();
     let mut buf = Vec::new();
     file.take(MAX_HASHED).read_to_end(&mut buf).ok()?;
     hasher.write(&buf);
     Some(Fingerprint {
         resolved,
-        len,
+        len: meta.len(),
         content_hash: hasher.finish(),
     })
 }
@@ -51,9 +60,18 @@ pub struct Definition {
 impl Definition {
     /// Snapshots `paths` now.
     pub fn snapshot(paths: &[PathBuf]) -> Self {
-        Definition {
-            watched: paths.iter().map(|p| (p.clone(), fingerprint(p))).collect(),
+        let watched: Vec<_> = paths.iter().map(|p| (p.clone(), fingerprint(p))).collect();
+        for (path, before) in &watched {
+            if before.is_none() {
+                tracing::warn!(
+                    path = %path.display(),
+                    "NIXFLEET_RESTART_ON_CHANGE: cannot read {}; a switch that creates it will \
+                     restart the agent, other changes to it go unnoticed",
+                    path.display()
+                );
+            }
         }
+        Definition { watched }
     }
 
     /// The first watched file that differs from the snapshot (changed, appeared or vanished).
@@ -104,6 +122,17 @@ mod tests {
         std::fs::remove_file(&missing).unwrap();
         std::fs::remove_file(&config).unwrap();
         assert_eq!(definition.changed(), Some(config.as_path()));
+    }
+
+    #[test]
+    fn a_fifo_is_compared_by_path_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let definition = Definition::snapshot(std::slice::from_ref(&fifo));
+        assert_eq!(definition.changed(), None);
+        std::fs::remove_file(&fifo).unwrap();
+        assert_eq!(definition.changed(), Some(fifo.as_path()));
     }
 
     #[test]

@@ -34,16 +34,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     replace_file(path, bytes, true)
 }
 
-/// [`write_atomic`] without the fsyncs: still all-or-nothing and safe against the agent being
-/// killed (the kernel keeps the page cache), but a power loss may bring back the previous
-/// version. For writes whose loss only repeats work, like taking a delivered report out of the
-/// outbox: skipping the disk flush shrinks the window in which a kill -9 makes the agent send
-/// a delivered report again from milliseconds to microseconds.
+/// [`write_atomic`] without the directory fsync: the new content is on disk before the rename
+/// (so a power cut can never leave an empty file behind), but the rename itself may be undone
+/// by a power cut until the next fsync of the directory (the next [`write_atomic`] there). For
+/// writes whose loss only repeats work, like taking a delivered report out of the outbox: one
+/// flush instead of two narrows the window in which a kill -9 makes the agent send a
+/// delivered report again.
 pub fn write_atomic_relaxed(path: &Path, bytes: &[u8]) -> io::Result<()> {
     replace_file(path, bytes, false)
 }
 
-fn replace_file(path: &Path, bytes: &[u8], flush: bool) -> io::Result<()> {
+fn replace_file(path: &Path, bytes: &[u8], sync_dir: bool) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     ensure_private_dir(dir)?;
     let name = path
@@ -73,16 +74,14 @@ fn replace_file(path: &Path, bytes: &[u8], flush: bool) -> io::Result<()> {
         // The umask may have taken bits away; the mode is exactly 0600 either way.
         file.set_permissions(fs::Permissions::from_mode(0o600))?;
         file.write_all(bytes)?;
-        if flush {
-            file.sync_all()?;
-        }
+        file.sync_all()?;
         fs::rename(&tmp, path)
     })();
     if written.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     written?;
-    if !flush {
+    if !sync_dir {
         return Ok(());
     }
     // The rename is durable only once the directory entry is.

@@ -143,14 +143,15 @@ struct Link {
 struct Refusal {
     /// The outbox entry refused.
     id: u64,
+    /// Refusals that each followed a heartbeat the dashboard answered.
     count: u32,
-    /// A heartbeat got through since the first refusal: the dashboard is up and refuses only
-    /// this report.
-    dashboard_answered: bool,
+    /// A heartbeat got through since the last refusal: the dashboard is up and refuses only
+    /// this report. A failed heartbeat starts the count again.
+    answered_since: bool,
 }
 
-/// Refusals of one report, with heartbeats getting through in between, before it is replaced
-/// by a short stand-in (and the stand-in, before it is dropped). A 422 needs only one.
+/// Refusals of one report, each after a heartbeat got through, before it is replaced by a short
+/// stand-in. A 422 needs only one.
 const REFUSALS_BEFORE_WITHHOLDING: u32 = 3;
 
 enum Delivery {
@@ -737,7 +738,7 @@ impl<T: Transport> Agent<T> {
             Delivery::Heartbeat(Ok(reply)) => {
                 self.report_failed_last = false;
                 if let Some(refusal) = &mut self.refusal {
-                    refusal.dashboard_answered = true;
+                    refusal.answered_since = true;
                 }
                 if let Some(token) = reply.agent_token {
                     self.adopt_token(token);
@@ -754,6 +755,11 @@ impl<T: Transport> Agent<T> {
             Delivery::Heartbeat(Err(error)) => {
                 // Strict alternation: a failed heartbeat lets the pending report go next.
                 self.report_failed_last = false;
+                if let Some(refusal) = &mut self.refusal {
+                    // The dashboard itself is in trouble: refusals so far prove nothing.
+                    refusal.count = 0;
+                    refusal.answered_since = false;
+                }
                 self.on_failure("heartbeat", error);
             }
             Delivery::Report {
@@ -772,14 +778,9 @@ impl<T: Transport> Agent<T> {
                 id,
                 result: Err(error),
             } => {
-                if error.refuses_content() && self.on_report_refused(id, &error) {
-                    // Replaced or dropped: what is now in front goes out at once.
-                    return;
-                }
-                self.report_failed_last = true;
                 let error = match error {
-                    // A firewall's 403 on a report says nothing about the token (heartbeats
-                    // use the same one): back off, but do not fall back to another token.
+                    // The v1 dashboard never answers an agent 403: a firewall's 403 on a report
+                    // says nothing about the token (heartbeats use the same one).
                     DashboardError::Unauthorized {
                         status: 403,
                         detail,
@@ -789,43 +790,57 @@ impl<T: Transport> Agent<T> {
                     },
                     other => other,
                 };
-                self.on_failure("report", error);
+                self.report_failed_last = true;
+                if !error.refuses_content() {
+                    self.on_failure("report", error);
+                } else if self.on_report_refused(id, &error) {
+                    // Replaced or dropped: what is now in front goes out at once.
+                    self.report_failed_last = false;
+                } else {
+                    self.retry_refused_report(&error);
+                }
             }
         }
     }
 
     /// The front report `id` was refused for its content. After a 422 (the dashboard validated
-    /// it and will refuse it again), or a few refusals while heartbeats get through (a proxy or
-    /// firewall refusing what the output says), it is replaced by a short stand-in that keeps
-    /// its place, so the command's log row still closes with the right outcome; the original
-    /// text goes to the log. A stand-in refused the same way is dropped. Returns whether the
-    /// front changed.
+    /// it and will refuse it again), or a few refusals each after a heartbeat got through (a
+    /// proxy or firewall refusing what the output says), it is replaced by a short stand-in
+    /// that keeps its place, so the command's log row still closes with the right outcome; the
+    /// original text goes to the agent's log. A stand-in is dropped only on a 422; refusing a
+    /// one-line stand-in otherwise means the path is blocked, and it is retried like an
+    /// outage. Returns whether the front changed.
     fn on_report_refused(&mut self, id: u64, error: &DashboardError) -> bool {
         let refusal = match &mut self.refusal {
             Some(refusal) if refusal.id == id => refusal,
             other => other.insert(Refusal {
                 id,
                 count: 0,
-                dashboard_answered: false,
+                answered_since: true,
             }),
         };
-        refusal.count += 1;
-        let settled = matches!(error, DashboardError::Validation { .. })
-            || (refusal.count >= REFUSALS_BEFORE_WITHHOLDING && refusal.dashboard_answered);
-        if !settled {
+        if refusal.answered_since {
+            refusal.count += 1;
+            refusal.answered_since = false;
+        }
+        let validation = matches!(error, DashboardError::Validation { .. });
+        if !validation && refusal.count < REFUSALS_BEFORE_WITHHOLDING {
             return false;
         }
         let count = refusal.count;
-        self.refusal = None;
         let Some(entry) = self.outbox.front().filter(|e| e.id == id) else {
             return false;
         };
         if entry.withheld {
+            if !validation {
+                return false;
+            }
             tracing::error!(
                 "the dashboard refused even the short stand-in for a report ({error}); dropping \
                  it: {}",
                 describe(&entry.report)
             );
+            self.refusal = None;
             self.outbox.pop(id);
             return true;
         }
@@ -836,8 +851,30 @@ impl<T: Transport> Agent<T> {
              closes. The refused report ({}) said:\n{original}",
             describe(&entry.report)
         );
+        self.refusal = None;
         self.outbox.withhold_front(id, stand_in);
         true
+    }
+
+    /// Backs off before sending a refused report again. The dashboard answered, so this is
+    /// not an outage: the link is not marked down and STATUS does not say "unreachable".
+    fn retry_refused_report(&mut self, error: &DashboardError) {
+        let count = self.refusal.as_ref().map_or(1, |r| r.count.max(1));
+        let delay = backoff::retry_delay(
+            self.settings.interval,
+            self.settings.backoff_cap,
+            count,
+            fastrand::f64(),
+        );
+        self.link.retry_at = Some(Instant::now() + delay);
+        tracing::warn!(
+            "the dashboard refused a report ({error}); retrying in {}: {}",
+            short_duration(delay),
+            self.outbox
+                .front()
+                .map(|e| describe(&e.report))
+                .unwrap_or_default()
+        );
     }
 
     fn link_up(&mut self) {

@@ -110,6 +110,7 @@ impl Outbox {
             self.next_id += 1;
             last.id = self.next_id;
             last.report = report;
+            last.withheld = false;
             self.persist();
             return;
         }
@@ -167,7 +168,7 @@ impl Outbox {
     pub fn pop(&mut self, id: u64) {
         if self.entries.front().is_some_and(|e| e.id == id) {
             self.entries.pop_front();
-            // Losing this write to a power cut only sends the report again; a slow write
+            // Losing this rename to a power cut only sends the report again; a slower write
             // would widen the window in which a kill -9 does the same.
             self.persist_with(write_atomic_relaxed);
         }

@@ -132,17 +132,16 @@ fn format_details(details: &[(String, String)]) -> String {
 
 impl DashboardError {
     /// Whether the dashboard, or a proxy or firewall in front of it, refused this request for
-    /// what it carries, so the same body will be refused again: a 422, or a 4xx that is not
-    /// about the token, time or rate (400, 404, 405, 413, 415, ..., and 403, which the v1
-    /// dashboard never sends to agents, so it comes from a firewall). The caller decides
-    /// whether the dashboard itself is answering (a 404 from a proxy while the backend
-    /// redeploys refuses heartbeats too).
+    /// what it carries, so the same body will be refused again: a 422, or a 4xx that is about
+    /// the body (400, 403 from a firewall, which the v1 dashboard never sends to agents, 409,
+    /// 411-418). Not 404/405/410 (a wrong or blocked path: every body is refused), nor
+    /// 401/407/408/429 (token, proxy auth, time, rate). The caller checks that heartbeats get
+    /// through before it acts on this.
     pub fn refuses_content(&self) -> bool {
         match self {
             DashboardError::Validation { .. } => true,
-            DashboardError::Unauthorized { status, .. } => *status == 403,
-            DashboardError::Http { status, .. } => {
-                (400..500).contains(status) && !matches!(status, 401 | 408 | 429)
+            DashboardError::Unauthorized { status, .. } | DashboardError::Http { status, .. } => {
+                matches!(status, 400 | 403 | 409 | 411..=418)
             }
             _ => false,
         }

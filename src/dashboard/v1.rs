@@ -277,7 +277,9 @@ mod tests {
         for (code, refuses) in [
             (400, true),
             (403, true),
-            (404, true),
+            (404, false),
+            (405, false),
+            (415, true),
             (413, true),
             (408, false),
             (429, false),

@@ -271,6 +271,8 @@ fn chaos_random_kill_9_every_command_gets_exactly_one_final_report() {
         let before = h.dash.command_log(HOST).len();
         let received = format!("received command {command}");
         let seen_before = agent.log().matches(&received).count();
+        let finished = format!("command {command} finished");
+        let finished_before = agent.log().matches(&finished).count();
         // The v1 dashboard drops a command queued while a test runs (its final test-progress
         // clears the slot, contract §3.4 [bug]); queue again until it is delivered.
         let delivered = (0..3).any(|_| {
@@ -286,6 +288,17 @@ fn chaos_random_kill_9_every_command_gets_exactly_one_final_report() {
         assert!(
             wait_until(T, || agent.log().matches(&received).count() > seen_before),
             "{command} delivered but not received: {}",
+            agent.log()
+        );
+        // ... and has it on disk: in the journal, or already done.
+        let journal = h.state_dir.join("journal.json");
+        let quoted = format!("\"{command}\"");
+        assert!(
+            wait_until(T, || {
+                std::fs::read_to_string(&journal).is_ok_and(|j| j.contains(&quoted))
+                    || agent.log().matches(&finished).count() > finished_before
+            }),
+            "{command} received but never journaled: {}",
             agent.log()
         );
         std::thread::sleep(Duration::from_millis(next() % 900));

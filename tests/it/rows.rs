@@ -6,6 +6,22 @@ use std::time::Duration;
 
 use crate::support::*;
 
+/// A stand-in switch that runs until the test opens its gate (at most 60 s), then prints
+/// `output` and exits with `code`: the order of restarts and the switch's end is fixed by the
+/// test, not by timing.
+fn gated_switch(h: &Harness, output: &str, code: i32) -> std::path::PathBuf {
+    let gate = h.tmp.path().join("switch-gate");
+    h.stand_in(
+        "nixos-rebuild",
+        &format!(
+            "i=0; while [ ! -e '{gate}' ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done\n\
+             echo '{output}'; exit {code}",
+            gate = gate.display()
+        ),
+    );
+    gate
+}
+
 const T: Duration = Duration::from_secs(20);
 
 fn rows(h: &Harness) -> Vec<(String, String, String)> {
@@ -90,7 +106,7 @@ fn stopping_while_resuming_leaves_the_switch_row_open() {
     let mut h = Harness::new();
     h.legacy_repo();
     h.set("NIXFLEET_SWITCH_ISOLATION", "session");
-    h.stand_in("nixos-rebuild", "sleep 6; echo broken build; exit 1");
+    let gate = gated_switch(&h, "broken build", 1);
     let mut agent = h.spawn();
     assert!(wait_until(T, || !h.requests(Endpoint::Register).is_empty()));
     h.dash.force_command(HOST, "switch");
@@ -104,7 +120,9 @@ fn stopping_while_resuming_leaves_the_switch_row_open() {
     assert!(agent.wait_log(T, "resuming a switch"), "{}", agent.log());
     agent.signal(libc::SIGTERM);
     assert!(agent.wait_exit(T).is_some());
-    let _agent = h.spawn();
+    let agent = h.spawn();
+    assert!(agent.wait_log(T, "resuming a switch"), "{}", agent.log());
+    std::fs::write(&gate, "").unwrap();
     assert!(h.wait_status(T, "Switch failed"), "{:?}", h.statuses());
     std::thread::sleep(Duration::from_secs(1));
     let row = rows(&h).into_iter().find(|r| r.0 == "switch").unwrap();
@@ -141,7 +159,7 @@ fn not_run_notice_waits_for_the_resumed_switch_report() {
     let mut h = Harness::new();
     h.legacy_repo();
     h.set("NIXFLEET_SWITCH_ISOLATION", "session");
-    h.stand_in("nixos-rebuild", "sleep 5; echo switched");
+    let gate = gated_switch(&h, "switched", 0);
     let mut agent = h.spawn();
     assert!(h.wait_status(T, "Agent started"));
     h.dash.force_command(HOST, "switch");
@@ -153,7 +171,11 @@ fn not_run_notice_waits_for_the_resumed_switch_report() {
     h.dash.force_command(HOST, "pull");
     assert!(h.wait_delivered(T, "Queued: pull"), "{:?}", h.statuses());
     agent.kill9();
-    let _agent = h.spawn();
+    let agent = h.spawn();
+    assert!(agent.wait_log(T, "resuming a switch"), "{}", agent.log());
+    // Time for a premature notice to go out, before the switch ends.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    std::fs::write(&gate, "").unwrap();
     assert!(h.wait_status(T, "Switch: switched"), "{:?}", h.statuses());
     assert!(
         h.wait_status(T, "Command pull was not run"),
@@ -177,7 +199,7 @@ fn held_not_run_notice_survives_a_stop_while_resuming() {
     let mut h = Harness::new();
     h.legacy_repo();
     h.set("NIXFLEET_SWITCH_ISOLATION", "session");
-    h.stand_in("nixos-rebuild", "sleep 6; echo switched");
+    let gate = gated_switch(&h, "switched", 0);
     let mut agent = h.spawn();
     assert!(h.wait_status(T, "Agent started"));
     h.dash.force_command(HOST, "switch");
@@ -193,12 +215,15 @@ fn held_not_run_notice_survives_a_stop_while_resuming() {
     assert!(agent.wait_log(T, "resuming a switch"), "{}", agent.log());
     agent.signal(libc::SIGTERM);
     assert!(agent.wait_exit(T).is_some());
+    let agent = h.spawn();
+    assert!(agent.wait_log(T, "resuming a switch"), "{}", agent.log());
+    std::thread::sleep(std::time::Duration::from_secs(2));
     assert!(
         !h.statuses().iter().any(|s| s.contains("was not run")),
         "the notice must wait for the switch: {:?}",
         h.statuses()
     );
-    let _agent = h.spawn();
+    std::fs::write(&gate, "").unwrap();
     assert!(h.wait_status(T, "Switch: switched"), "{:?}", h.statuses());
     assert!(
         h.wait_status(T, "Command pull was not run"),
@@ -263,6 +288,42 @@ fn report_refused_for_its_content_is_replaced_by_a_stand_in() {
     // Not stuck: the next command reports normally.
     h.dash.force_command(HOST, "pull");
     assert!(h.wait_status(T, "Pull"), "{:?}", h.statuses());
+}
+
+/// A proxy that blocks the /status path (404) while /register works refuses every report
+/// whatever it says: nothing is withheld or dropped; the reports wait and arrive once the path
+/// is open again.
+#[test]
+fn blocked_status_path_keeps_reports_until_it_opens() {
+    let mut h = Harness::new();
+    h.legacy_repo();
+    let agent = h.spawn();
+    assert!(h.wait_status(T, "Agent started"));
+    h.dash.set_mode(Mode::EndpointStatus(Endpoint::Status, 404));
+    h.dash.force_command(HOST, "pull");
+    assert!(
+        agent.wait_log(T, "command pull finished"),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || h
+            .requests(Endpoint::Status)
+            .iter()
+            .filter(|r| r.response_status == 404)
+            .count()
+            >= 4),
+        "{}",
+        agent.log()
+    );
+    assert!(!agent.log().contains("stand-in"), "{}", agent.log());
+    h.dash.set_mode(Mode::Normal);
+    assert!(
+        h.wait_status(Duration::from_secs(20), "Pull"),
+        "{:?}",
+        h.statuses()
+    );
+    assert!(!h.statuses().iter().any(|s| s.contains("withheld")));
 }
 
 /// /status refused while /register works, then the other way round: the pending report is

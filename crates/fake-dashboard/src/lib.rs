@@ -175,6 +175,8 @@ pub struct FakeDashboard {
 
 struct Inner {
     shared: Arc<Shared>,
+    /// The address clients use: the bound one, or loopback when bound to all addresses.
+    host: std::net::IpAddr,
     port: u16,
     tls: Option<tls::TlsMaterial>,
     shutdown: watch::Sender<bool>,
@@ -232,6 +234,11 @@ impl FakeDashboard {
         let listener = std::net::TcpListener::bind((opts.bind, opts.port))?;
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
+        let host = match opts.bind {
+            std::net::IpAddr::V4(a) if a.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(a) if a.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+            other => other,
+        };
         let shared = Arc::new(Shared::new(opts));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let acceptor = tls
@@ -241,6 +248,7 @@ impl FakeDashboard {
         Ok(FakeDashboard {
             inner: Arc::new(Inner {
                 shared,
+                host,
                 port,
                 tls,
                 shutdown,
@@ -250,14 +258,16 @@ impl FakeDashboard {
         })
     }
 
-    /// `http://127.0.0.1:PORT` or `https://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` or `https://127.0.0.1:PORT` (the bound address, if not
+    /// loopback or all addresses).
     pub fn url(&self) -> String {
         let scheme = if self.inner.tls.is_some() {
             "https"
         } else {
             "http"
         };
-        format!("{scheme}://127.0.0.1:{}", self.inner.port)
+        let addr = std::net::SocketAddr::new(self.inner.host, self.inner.port);
+        format!("{scheme}://{addr}")
     }
 
     /// The main port (stable across `Down`).

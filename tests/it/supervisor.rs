@@ -6,10 +6,12 @@
 //! timestamped log lines outside journald.
 
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::net::{SocketAddr, UnixDatagram};
+#[cfg(target_os = "linux")]
+use std::os::unix::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -50,7 +52,8 @@ struct NotifyListener {
     term_on_datagram: Arc<AtomicI32>,
 }
 
-static ABSTRACT_COUNTER: AtomicU32 = AtomicU32::new(0);
+#[cfg(target_os = "linux")]
+static ABSTRACT_COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 impl NotifyListener {
     fn path(dir: &Path, lock_file: &Path) -> NotifyListener {
@@ -59,6 +62,7 @@ impl NotifyListener {
         NotifyListener::start(socket, path.display().to_string(), lock_file)
     }
 
+    #[cfg(target_os = "linux")]
     fn abstract_name(lock_file: &Path) -> NotifyListener {
         use std::os::linux::net::SocketAddrExt as _;
         let nanos = SystemTime::now()
@@ -405,6 +409,8 @@ fn notify_path_socket_ready_after_lock_status_follows_state_watchdog_and_stoppin
     sigterm_sends_stopping(&listener, &mut agent);
 }
 
+/// Abstract sockets exist on Linux only (where systemd runs).
+#[cfg(target_os = "linux")]
 #[test]
 fn notify_abstract_socket_ready_after_lock_watchdog_and_stopping() {
     let mut h = Harness::new();

@@ -42,9 +42,29 @@ const LIVENESS_EVERY: Duration = Duration::from_secs(5);
 /// How a switch is isolated from the agent, resolved for this host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isolation {
-    SystemdRun,
+    /// A transient unit of the service manager the agent runs under: the system manager, or
+    /// (`user`) the user manager of a `systemd --user` agent (home-manager hosts).
+    SystemdRun {
+        user: bool,
+    },
     Session,
     InProcess,
+}
+
+/// Whether this process runs as a service of a user manager (`systemd --user`): its cgroup is
+/// below `user@<uid>.service`. Such an agent starts its switch units there: it can, without
+/// any privilege, and the system manager would refuse a non-root agent.
+fn under_user_manager() -> bool {
+    std::fs::read_to_string("/proc/self/cgroup").is_ok_and(|c| in_user_manager_cgroup(&c))
+}
+
+fn in_user_manager_cgroup(cgroup: &str) -> bool {
+    cgroup.lines().any(|line| {
+        line.rsplit(':').next().is_some_and(|path| {
+            path.split('/')
+                .any(|part| part.starts_with("user@") && part.ends_with(".service"))
+        })
+    })
 }
 
 /// A switch running outside the agent, as recorded in the command journal.
@@ -52,6 +72,9 @@ pub enum Isolation {
 pub struct Detached {
     /// The transient unit (systemd-run), if any.
     pub unit: Option<String>,
+    /// The unit belongs to the agent's user manager (`systemd-run --user`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub user_manager: bool,
     /// The wrapper's pid (session mode), if known.
     pub pid: Option<u32>,
     pub result_file: PathBuf,
@@ -86,18 +109,19 @@ fn now_unix() -> u64 {
 
 /// Picks the isolation for this host from the setting.
 pub fn resolve(settings: &Settings, runner: &Runner) -> Isolation {
+    let user = under_user_manager();
     match settings.switch_isolation {
-        SwitchIsolation::SystemdRun => Isolation::SystemdRun,
+        SwitchIsolation::SystemdRun => Isolation::SystemdRun { user },
         SwitchIsolation::Session => Isolation::Session,
         SwitchIsolation::None => Isolation::InProcess,
         SwitchIsolation::Auto => {
             if cfg!(target_os = "macos") {
                 Isolation::Session
             } else if Path::new("/run/systemd/system").is_dir()
-                && nix::unistd::geteuid().is_root()
+                && (user || nix::unistd::geteuid().is_root())
                 && runner.find_program("systemd-run").is_some()
             {
-                Isolation::SystemdRun
+                Isolation::SystemdRun { user }
             } else {
                 Isolation::InProcess
             }
@@ -172,6 +196,7 @@ fn take_env_file(path: &Path) -> std::io::Result<Vec<(OsString, OsString)>> {
 /// from the environment goes on this argv: see [`write_env_file`].
 fn systemd_run_cmd(
     unit: &str,
+    user_manager: bool,
     exe: &Path,
     inner: Vec<OsString>,
     switch: &Cmd,
@@ -187,6 +212,7 @@ fn systemd_run_cmd(
         timeouts.git_local,
         "systemd-run",
     )
+    .args(user_manager.then_some("--user"))
     .arg(format!("--unit={unit}"))
     .args(["--collect", "--quiet", "--service-type=exec"])
     .arg(format!("--property=RuntimeMaxSec={}", backstop.as_secs()))
@@ -217,7 +243,9 @@ pub fn plan(
     let grace = settings.timeouts.kill_grace.as_secs();
     let deadline_unix = now_unix() + switch.timeout.as_secs() + grace + 60;
     Ok(Detached {
-        unit: (isolation == Isolation::SystemdRun).then(|| format!("nixfleet-switch-{id}")),
+        unit: matches!(isolation, Isolation::SystemdRun { .. })
+            .then(|| format!("nixfleet-switch-{id}")),
+        user_manager: isolation == (Isolation::SystemdRun { user: true }),
         pid: None,
         result_file: results.join(format!("{id}.json")),
         deadline_unix,
@@ -258,7 +286,7 @@ pub async fn launch(
         );
         inner.push(switch.program.clone());
         inner.extend(switch.args.iter().cloned());
-        let cmd = systemd_run_cmd(unit, &exe, inner, switch, timeouts);
+        let cmd = systemd_run_cmd(unit, planned.user_manager, &exe, inner, switch, timeouts);
         let outcome = runner.run(cmd, &CancellationToken::new()).await;
         let failure = match outcome {
             Err(e) => Some(format!("cannot start the switch unit: {e}")),
@@ -275,7 +303,12 @@ pub async fn launch(
             let _ = std::fs::remove_file(&env_file);
             return Err(failure);
         }
-        tracing::info!(unit = %unit, "switch runs in transient unit {unit} (systemd-run)");
+        let manager = if planned.user_manager {
+            "systemd-run --user"
+        } else {
+            "systemd-run"
+        };
+        tracing::info!(unit = %unit, "switch runs in transient unit {unit} ({manager})");
     } else {
         let mut inner = wrapper_args(
             &planned.result_file,
@@ -406,11 +439,9 @@ async fn gone_reason(
     if let Some(unit) = &detached.unit {
         // Without --value: systemctl prints properties in its own order (Result before
         // ActiveState), not in the order asked for, so the lines are matched by name.
-        let cmd = Cmd::new("systemctl", "/", Duration::from_secs(10), "systemctl show").args([
-            "show",
-            "--property=ActiveState,Result",
-            unit,
-        ]);
+        let cmd = Cmd::new("systemctl", "/", Duration::from_secs(10), "systemctl show")
+            .args(detached.user_manager.then_some("--user"))
+            .args(["show", "--property=ActiveState,Result", unit]);
         let outcome = runner.run(cmd, cancel).await.ok()?;
         let field = |key: &str| {
             outcome
@@ -648,8 +679,9 @@ mod tests {
         inner.extend(switch.args.iter().cloned());
         let cmd = systemd_run_cmd(
             "nixfleet-switch-1-2",
+            false,
             Path::new("/bin/nixfleet-agent"),
-            inner,
+            inner.clone(),
             &switch,
             &timeouts,
         );
@@ -658,6 +690,17 @@ mod tests {
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
+        assert!(!args.contains(&"--user".to_string()), "{args:?}");
+        let user = systemd_run_cmd(
+            "nixfleet-switch-1-2",
+            true,
+            Path::new("/bin/nixfleet-agent"),
+            inner,
+            &switch,
+            &timeouts,
+        );
+        assert_eq!(user.args[0], "--user", "{:?}", user.args);
+        assert_eq!(&user.args[1..], &cmd.args[..]);
         assert!(
             !args
                 .iter()
@@ -684,6 +727,7 @@ mod tests {
     fn past_deadline(dir: &Path, pid: Option<u32>, max_runtime_secs: Option<u64>) -> Detached {
         Detached {
             unit: None,
+            user_manager: false,
             pid,
             result_file: dir.join("r.json"),
             deadline_unix: now_unix().saturating_sub(10),
@@ -737,5 +781,23 @@ mod tests {
                 Waited::Done(_) | Waited::Cancelled => panic!("{detached:?} not lost"),
             }
         }
+    }
+
+    #[test]
+    fn user_manager_is_recognised_from_the_cgroup() {
+        let user =
+            "0::/user.slice/user-1000.slice/user@1000.service/app.slice/nixfleet-agent.service\n";
+        let system = "0::/system.slice/nixfleet-agent.service\n";
+        let session = "0::/user.slice/user-1000.slice/session-3.scope\n";
+        let v1 = "12:pids:/user.slice/user-0.slice/user@0.service/nixfleet-agent.service\n\
+                  1:name=systemd:/user.slice/user-0.slice/user@0.service/nixfleet-agent.service\n";
+        assert!(in_user_manager_cgroup(user));
+        assert!(in_user_manager_cgroup(v1));
+        assert!(!in_user_manager_cgroup(system));
+        assert!(
+            !in_user_manager_cgroup(session),
+            "a login shell is not a user service"
+        );
+        assert!(!in_user_manager_cgroup(""));
     }
 }

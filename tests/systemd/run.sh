@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The shipped unit (units/nixfleet-agent.service), installed unchanged but for the binary path,
-# running the real agent binary under a real systemd (PID 1 in systemd-nspawn, see ct.sh), with
-# the fake dashboard in the same container. One line per check, then "N passed, M failed".
+# The shipped units (units/nixfleet-agent.service, and units/user/nixfleet-agent.service under
+# root's user manager in check 13), installed unchanged but for the binary path, running the real
+# agent binary under a real systemd (PID 1 in systemd-nspawn, see ct.sh), with the fake
+# dashboard in the same container. One line per check, then "N passed, M failed".
 #
 # Usage (root):  cargo build --workspace && tests/systemd/run.sh
 # Env:  NIXFLEET_BIN_DIR   where nixfleet-agent and fake-dashboard are (default target/debug,
 #                          or $CARGO_TARGET_DIR/debug)
 #       KEEP_LOGS=1        keep the work folder (journal dumps) even when everything passed
 # The container's /etc is empty (no CA store): the agent must work over http:// without one.
-# Needs: systemd-nspawn (Debian: systemd-container), curl. Installs nothing. About 45 s.
+# Needs: systemd-nspawn (Debian: systemd-container), curl, python3. Installs nothing. About 60 s.
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -502,6 +503,103 @@ else
     fail restart-on-unit-change "systemd did not log the main process exiting with status 10: $(journal | grep -i 'main process' | tail -2)"
   else
     pass restart-on-unit-change "switch reported once, exit 10, NRestarts $n0 -> $(prop NRestarts), new pid $(prop MainPID) registered with the new unit's location; $(elapsed "$t12")s"
+  fi
+fi
+
+# ---- 13. home-manager host: the user unit's switch runs in a transient unit of the user manager
+# units/user/nixfleet-agent.service, unchanged but for the binary path, under root's user
+# manager (user@0.service; the container has no logind, so its PAM stack and XDG_RUNTIME_DIR are
+# set up by hand). The agent finds that it runs under a user manager and starts the
+# home-manager switch with `systemd-run --user`; kill -9 of the agent leaves that unit running,
+# and the restarted agent reports it once.
+t13=$(date +%s.%N)
+uunit_src=$repo/units/user/nixfleet-agent.service
+uctl() { ct env XDG_RUNTIME_DIR=/run/user/0 systemctl --user "$@"; }
+uprop() { uctl show -P "$1" nixfleet-agent.service 2>/dev/null; }
+ujournal() { ct journalctl -b --no-pager -o cat _SYSTEMD_USER_UNIT=nixfleet-agent.service 2>/dev/null; }
+ujournal_has() { ujournal | grep -F -- "$1" >/dev/null; }
+user_switch_units() { uctl list-units --all --plain --no-legend 'nixfleet-switch-*' 2>/dev/null | awk '{print $1}'; }
+user_switch_active() { [ -n "$(uctl list-units --state=active --plain --no-legend 'nixfleet-switch-*' 2>/dev/null)" ]; }
+uactive_with_new_pid() { local p; [ "$(uprop ActiveState)" = active ] && p=$(uprop MainPID) && [ "$p" != 0 ] && [ "$p" != "$1" ]; }
+unrestarts_above() { [ "$(uprop NRestarts)" -gt "$1" ]; }
+home_outputs() { # outputs of the statuses cthome delivered, one a line
+  control GET /_fake/requests | python3 -c 'import json, sys
+for r in json.load(sys.stdin):
+    if r.get("host_id") == "cthome" and r.get("endpoint") == "status" and r.get("response_status") == 200:
+        print((r.get("body") or {}).get("output") or "")'
+}
+home_switch_reports() { home_outputs | grep -c '^Switch: '; }
+home_row() { control GET /_fake/logs/cthome | grep -o '{[^{}]*"command":"switch"[^{}]*}' | tail -1; }
+hmarker=/var/lib/ci/home-switch-done hrelease=/run/nixfleet-ci-home-release
+ct systemctl stop "$unit" 2>/dev/null # one agent at a time keeps the dashboard log readable
+ct mkdir -p /etc/pam.d /etc/systemd/system/user@0.service.d /etc/systemd/user \
+  /root/.config/nixfleet /root/.nix-profile/bin
+ct sh -c 'printf "auth required pam_permit.so\naccount required pam_permit.so\nsession required pam_permit.so\n" > /etc/pam.d/systemd-user'
+ct sh -c 'printf "[Service]\nEnvironment=XDG_RUNTIME_DIR=/run/user/0\n" > /etc/systemd/system/user@0.service.d/ci.conf'
+sed -E 's|^ExecStart=([-@:+!]*)[^ ]*/nixfleet-agent( \|$)|ExecStart=\1/opt/ci/nixfleet-agent\2|' \
+  "$uunit_src" > "$work/user-$unit"
+ct sh -c "cat > /etc/systemd/user/$unit" < "$work/user-$unit"
+ct sh -c 'umask 077; echo shared-secret-token > /root/.config/nixfleet/agent.token'
+ct sh -c 'cat > /root/.config/nixfleet/agent.env' <<'EOF'
+NIXFLEET_URL=http://127.0.0.1:8000
+NIXFLEET_ALLOW_INSECURE_HTTP=1
+NIXFLEET_HOSTNAME=cthome
+NIXFLEET_NIXCFG=/var/lib/ci/nixcfg
+NIXFLEET_INTERVAL=2
+EOF
+ct sh -c 'cat > /root/.nix-profile/bin/home-manager; chmod 755 /root/.nix-profile/bin/home-manager' <<EOF
+#!/bin/sh
+i=0
+while [ ! -e $hrelease ] && [ \$i -lt 600 ]; do sleep 0.1; i=\$((i + 1)); done
+touch $hmarker
+echo "activated home by stand-in (\$*)"
+EOF
+ct rm -f "$hmarker" "$hrelease"
+if [ "$(diff "$uunit_src" "$work/user-$unit" | grep -c '^[<>]')" != 2 ]; then
+  fail user-switch-survives-kill9 "could not rewrite only ExecStart= in $uunit_src: $(diff "$uunit_src" "$work/user-$unit")"
+elif ! ct systemctl daemon-reload || ! ct systemctl start user-runtime-dir@0.service user@0.service; then
+  fail user-switch-survives-kill9 "could not start root's user manager: $(ct systemctl status user@0.service --no-pager 2>&1 | tail -5)"
+elif ! uctl start "$unit" || ! wait_until 10 ujournal_has "nixfleet-agent starting"; then
+  fail user-switch-survives-kill9 "the user unit did not start: $(uprop ActiveState)/$(uprop SubState); $(ujournal | tail -3)"
+else
+  upid=$(uprop MainPID) un0=$(uprop NRestarts)
+  out=$(control POST /_fake/command/cthome '{"command":"switch","force":true}' 2>&1)
+  if ! grep -q '"forced"' <<<"$out"; then
+    fail user-switch-survives-kill9 "queueing switch for cthome failed: $out"
+  elif ! wait_until 15 user_switch_active; then
+    fail user-switch-survives-kill9 "no active nixfleet-switch-* unit in the user manager 15 s after queueing: $(ujournal | grep -i switch | tail -3)"
+  else
+    usw=$(user_switch_units | head -1) && usw=${usw%.service}
+    usw_pid=$(uctl show -P MainPID "$usw")
+    [ "${upid:-0}" -gt 1 ] && ct kill -KILL "$upid"
+    sleep 1
+    if [ "$(uctl show -P ActiveState "$usw")" != active ] || ct test -e "$hmarker"; then
+      fail user-switch-survives-kill9 "after kill -9 of the agent (pid $upid) $usw is $(uctl show -P ActiveState "$usw"): the switch died with the agent"
+    elif ! wait_until 20 unrestarts_above "$un0" || ! wait_until 10 uactive_with_new_pid "$upid"; then
+      fail user-switch-survives-kill9 "the user unit was not restarted: NRestarts $(uprop NRestarts), $(uprop ActiveState)/$(uprop SubState)"
+    elif ! wait_until 10 ujournal_has "left a switch running outside the agent"; then
+      fail user-switch-survives-kill9 "the restarted agent did not pick up the running switch"
+    else
+      ct touch "$hrelease"
+      if ! wait_until 15 eval '[ "$(home_switch_reports)" -ge 1 ]'; then
+        fail user-switch-survives-kill9 "no 'Switch: ' status for cthome after the release: $(home_outputs | tail -5)"
+      else
+        sleep 2 # a second report would come within the agent's interval (2 s)
+        reports=$(home_outputs | grep '^Switch')
+        row=$(home_row)
+        if [ "$(grep -c . <<<"$reports")" != 1 ] || ! grep -qF 'activated home by stand-in (switch --flake .#root@cthome)' <<<"$reports"; then
+          fail user-switch-survives-kill9 "expected exactly one 'Switch: activated home by stand-in (switch --flake .#root@cthome)' report, got: $reports"
+        elif ! grep -q '"status":"ok"' <<<"$row" || ! grep -q '"output":"Switch: ' <<<"$row"; then
+          fail user-switch-survives-kill9 "the dashboard's switch row for cthome is not closed by the switch report: $row"
+        elif ! ujournal_has "switch runs in transient unit $usw (systemd-run --user)"; then
+          fail user-switch-survives-kill9 "no 'switch runs in transient unit $usw (systemd-run --user)' line in the user unit's journal"
+        elif ! wait_until 10 eval '[ -z "$(user_switch_units)" ]'; then
+          fail user-switch-survives-kill9 "the user transient unit was not collected: $(user_switch_units)"
+        else
+          pass user-switch-survives-kill9 "$usw (wrapper pid $usw_pid) in the user manager kept running through kill -9 of the agent; NRestarts $un0 -> $(uprop NRestarts); reported once: '$(cut -c1-70 <<<"$reports")', row ok, unit collected; $(elapsed "$t13")s"
+        fi
+      fi
+    fi
   fi
 fi
 

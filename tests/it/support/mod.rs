@@ -166,6 +166,9 @@ impl Harness {
             ),
             ("NIXFLEET_LOG".into(), "info".into()),
             ("NIXFLEET_SWITCH_MODE".into(), "nixos".into()),
+            // Not `auto`: on a developer's desktop (a user manager) or a systemd host, auto
+            // would start switches as real transient units. Tests that detach say so.
+            ("NIXFLEET_SWITCH_ISOLATION".into(), "none".into()),
             ("PATH".into(), path),
             ("HOME".into(), home.display().to_string()),
             ("USER".into(), "tester".into()),

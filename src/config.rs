@@ -328,8 +328,8 @@ pub enum SwitchMode {
 /// How a switch is kept alive across agent restarts (see `detach`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SwitchIsolation {
-    /// systemd-run where systemd runs and the agent is root, a new session on macOS,
-    /// otherwise in-process.
+    /// systemd-run where systemd runs and the agent is root or a service of its own user
+    /// manager (`--user`), a new session on macOS, otherwise in-process.
     Auto,
     SystemdRun,
     Session,

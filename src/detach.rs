@@ -7,7 +7,9 @@
 //! everything else and writes the exit status and output tail to a result file in the state
 //! directory. How the wrapper is started:
 //! - `systemd-run`: a transient unit with `RuntimeMaxSec` as a backstop, collected after it
-//!   ends (systemd hosts, agent running as root). The allowlisted environment goes to the
+//!   ends, in the manager that runs the agent: the system manager for a root agent, or with
+//!   `--user` the agent's own user manager (the home-manager user unit). The allowlisted
+//!   environment goes to the
 //!   wrapper in a 0600 file it reads and deletes (`--env-file`), never on argv, where
 //!   `/proc/<pid>/cmdline` and `systemctl show` would expose a token in `NIX_CONFIG` or a proxy
 //!   password;
@@ -51,19 +53,35 @@ pub enum Isolation {
     InProcess,
 }
 
-/// Whether this process runs as a service of a user manager (`systemd --user`): its cgroup is
-/// below `user@<uid>.service`. Such an agent starts its switch units there: it can, without
-/// any privilege, and the system manager would refuse a non-root agent.
+/// Whether this process runs as a service of *its own* user manager (`systemd --user`): its
+/// cgroup is below `user@<euid>.service` and that manager's socket is reachable. Such an agent
+/// starts its switch units there: it can, without any privilege, and the system manager would
+/// refuse a non-root agent. `sudo nixfleet-agent` from a desktop terminal (root, in the
+/// cgroup of user 1000's manager) is not one.
 fn under_user_manager() -> bool {
-    std::fs::read_to_string("/proc/self/cgroup").is_ok_and(|c| in_user_manager_cgroup(&c))
+    let euid = nix::unistd::geteuid().as_raw();
+    let own_manager = std::fs::read_to_string("/proc/self/cgroup")
+        .is_ok_and(|c| user_manager_uid(&c) == Some(euid));
+    own_manager
+        && std::env::var_os("XDG_RUNTIME_DIR")
+            .is_some_and(|dir| Path::new(&dir).join("systemd/private").exists())
 }
 
-fn in_user_manager_cgroup(cgroup: &str) -> bool {
-    cgroup.lines().any(|line| {
-        line.rsplit(':').next().is_some_and(|path| {
-            path.split('/')
-                .any(|part| part.starts_with("user@") && part.ends_with(".service"))
-        })
+/// The uid of the user manager whose service this cgroup belongs to, if any. Reads the unified
+/// (`0::`) line, or cgroup v1's `name=systemd` one; a path may itself contain ':'.
+fn user_manager_uid(cgroup: &str) -> Option<u32> {
+    let lines: Vec<&str> = cgroup.lines().collect();
+    let line = lines.iter().find(|l| l.starts_with("0::")).or_else(|| {
+        lines
+            .iter()
+            .find(|l| l.split(':').nth(1) == Some("name=systemd"))
+    })?;
+    let path = line.splitn(3, ':').nth(2)?;
+    path.split('/').find_map(|part| {
+        part.strip_prefix("user@")?
+            .strip_suffix(".service")?
+            .parse()
+            .ok()
     })
 }
 
@@ -784,20 +802,28 @@ mod tests {
     }
 
     #[test]
-    fn user_manager_is_recognised_from_the_cgroup() {
-        let user =
-            "0::/user.slice/user-1000.slice/user@1000.service/app.slice/nixfleet-agent.service\n";
+    fn user_manager_uid_is_read_from_the_systemd_cgroup() {
+        let user = "0::/user.slice/user-1000.slice/user@1000.service/app.slice/agent.service\n";
         let system = "0::/system.slice/nixfleet-agent.service\n";
         let session = "0::/user.slice/user-1000.slice/session-3.scope\n";
         let v1 = "12:pids:/user.slice/user-0.slice/user@0.service/nixfleet-agent.service\n\
                   1:name=systemd:/user.slice/user-0.slice/user@0.service/nixfleet-agent.service\n";
-        assert!(in_user_manager_cgroup(user));
-        assert!(in_user_manager_cgroup(v1));
-        assert!(!in_user_manager_cgroup(system));
-        assert!(
-            !in_user_manager_cgroup(session),
+        let colon = "0::/user.slice/user-1000.slice/user@1000.service/app.slice/dev-a:b.scope\n";
+        let v1_other = "3:cpu:/user.slice/user-7.slice/user@7.service\n1:name=systemd:/system.slice/x.service\n";
+        assert_eq!(user_manager_uid(user), Some(1000));
+        assert_eq!(user_manager_uid(v1), Some(0));
+        assert_eq!(user_manager_uid(colon), Some(1000));
+        assert_eq!(user_manager_uid(system), None);
+        assert_eq!(
+            user_manager_uid(session),
+            None,
             "a login shell is not a user service"
         );
-        assert!(!in_user_manager_cgroup(""));
+        assert_eq!(
+            user_manager_uid(v1_other),
+            None,
+            "only the systemd hierarchy counts"
+        );
+        assert_eq!(user_manager_uid(""), None);
     }
 }

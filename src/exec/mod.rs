@@ -434,8 +434,11 @@ impl Runner {
         capture: &mut Capture,
         label: &str,
     ) {
-        // Found while the leader lives and the tree is intact (see `escaped`).
-        let escaped = escaped::Escaped::find(group.pgid(), group.pgid());
+        // Found while the leader lives and the tree is intact (see `escaped`); under the
+        // reaper's lock, so the leader's pid cannot be reused during the scan.
+        let escaped = group
+            .while_unreaped(|pgid| escaped::Escaped::find(pgid, pgid))
+            .unwrap_or_default();
         if !escaped.pids().is_empty() {
             tracing::info!(
                 label, pgid = group.pgid(), pids = ?escaped.pids(),

@@ -85,6 +85,13 @@ impl Group {
         self.pgid.as_raw()
     }
 
+    /// Runs `f` with the group id while the leader is not reaped, so the id (a pid) cannot be
+    /// reused meanwhile; `None` once it is reaped.
+    pub(super) fn while_unreaped<T>(&self, f: impl FnOnce(i32) -> T) -> Option<T> {
+        let reaped = self.reaped.lock().unwrap_or_else(PoisonError::into_inner);
+        (!*reaped).then(|| f(self.pgid.as_raw()))
+    }
+
     /// Sends `signal` to every process of the group unless the leader is already reaped.
     pub(super) fn signal(&self, signal: Signal) {
         let reaped = self.reaped.lock().unwrap_or_else(PoisonError::into_inner);

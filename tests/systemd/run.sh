@@ -22,7 +22,7 @@ T0=$(date +%s.%N)
 command -v systemd-nspawn >/dev/null || {
   echo "FAIL setup: systemd-nspawn is missing (Debian: apt-get install --no-install-recommends systemd-container)" >&2
   exit 2; }
-for tool in nsenter curl timeout; do
+for tool in nsenter curl timeout python3; do
   command -v "$tool" >/dev/null || { echo "FAIL setup: $tool is missing" >&2; exit 2; }
 done
 [ "$(id -u)" = 0 ] || { echo "FAIL setup: must run as root (systemd-nspawn)" >&2; exit 2; }
@@ -580,6 +580,9 @@ else
     elif ! wait_until 10 ujournal_has "left a switch running outside the agent"; then
       fail user-switch-survives-kill9 "the restarted agent did not pick up the running switch"
     else
+      # Keep the switch running long enough for the waiting agent's liveness check
+      # (`systemctl --user show`, every 5 s) to run at least once before it ends.
+      sleep 6
       ct touch "$hrelease"
       if ! wait_until 15 eval '[ "$(home_switch_reports)" -ge 1 ]'; then
         fail user-switch-survives-kill9 "no 'Switch: ' status for cthome after the release: $(home_outputs | tail -5)"
@@ -591,6 +594,8 @@ else
           fail user-switch-survives-kill9 "expected exactly one 'Switch: activated home by stand-in (switch --flake .#root@cthome)' report, got: $reports"
         elif ! grep -q '"status":"ok"' <<<"$row" || ! grep -q '"output":"Switch: ' <<<"$row"; then
           fail user-switch-survives-kill9 "the dashboard's switch row for cthome is not closed by the switch report: $row"
+        elif ujournal_has "ended without a result"; then
+          fail user-switch-survives-kill9 "the waiting agent declared the running switch lost: $(ujournal | grep 'without a result' | tail -1)"
         elif ! ujournal_has "switch runs in transient unit $usw (systemd-run --user)"; then
           fail user-switch-survives-kill9 "no 'switch runs in transient unit $usw (systemd-run --user)' line in the user unit's journal"
         elif ! wait_until 10 eval '[ -z "$(user_switch_units)" ]'; then

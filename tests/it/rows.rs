@@ -6,6 +6,39 @@ use std::time::Duration;
 
 use crate::support::*;
 
+/// A gated detached switch (session mode) with a pull queued behind it, then kill -9 of the
+/// agent once the pull's "Queued:" acknowledgement is out of its outbox. Returns the world and
+/// the switch's gate (closed: the switch still runs).
+fn pull_queued_behind_a_detached_switch_then_kill_9() -> (Harness, std::path::PathBuf) {
+    let mut h = Harness::new();
+    h.legacy_repo();
+    h.set("NIXFLEET_SWITCH_ISOLATION", "session");
+    let gate = gated_switch(&h, "switched", 0);
+    let mut agent = h.spawn();
+    assert!(h.wait_status(T, "Agent started"));
+    h.dash.force_command(HOST, "switch");
+    assert!(
+        agent.wait_log(T, "detached from the agent"),
+        "{}",
+        agent.log()
+    );
+    h.dash.force_command(HOST, "pull");
+    assert!(h.wait_delivered(T, "Queued: pull"), "{:?}", h.statuses());
+    agent.kill9();
+    (h, gate)
+}
+
+/// The dashboard's switch row was closed with this status and output.
+fn assert_switch_row_closed_by(h: &Harness, status: &str, output: &str) {
+    let r = rows(h);
+    let switch = r.iter().find(|r| r.0 == "switch").unwrap();
+    assert_eq!(
+        (switch.1.as_str(), switch.2.as_str()),
+        (status, output),
+        "{r:#?}"
+    );
+}
+
 /// A stand-in switch that runs until the test opens its gate (at most 60 s), then prints
 /// `output` and exits with `code`: the order of restarts and the switch's end is fixed by the
 /// test, not by timing.
@@ -156,21 +189,7 @@ fn proxy_404_blip_does_not_drop_final_reports() {
 /// would close the switch's row.
 #[test]
 fn not_run_notice_waits_for_the_resumed_switch_report() {
-    let mut h = Harness::new();
-    h.legacy_repo();
-    h.set("NIXFLEET_SWITCH_ISOLATION", "session");
-    let gate = gated_switch(&h, "switched", 0);
-    let mut agent = h.spawn();
-    assert!(h.wait_status(T, "Agent started"));
-    h.dash.force_command(HOST, "switch");
-    assert!(
-        agent.wait_log(T, "detached from the agent"),
-        "{}",
-        agent.log()
-    );
-    h.dash.force_command(HOST, "pull");
-    assert!(h.wait_delivered(T, "Queued: pull"), "{:?}", h.statuses());
-    agent.kill9();
+    let (h, gate) = pull_queued_behind_a_detached_switch_then_kill_9();
     let agent = h.spawn();
     assert!(agent.wait_log(T, "resuming a switch"), "{}", agent.log());
     // Time for a premature notice to go out, before the switch ends.
@@ -182,13 +201,7 @@ fn not_run_notice_waits_for_the_resumed_switch_report() {
         "{:?}",
         h.statuses()
     );
-    let r = rows(&h);
-    let switch = r.iter().find(|r| r.0 == "switch").unwrap();
-    assert_eq!(
-        (switch.1.as_str(), switch.2.as_str()),
-        ("ok", "Switch: switched"),
-        "{r:#?}"
-    );
+    assert_switch_row_closed_by(&h, "ok", "Switch: switched");
 }
 
 /// The held "not run" notice survives a second restart: the instance that was resuming the
@@ -196,21 +209,7 @@ fn not_run_notice_waits_for_the_resumed_switch_report() {
 /// command as not run, after the switch's own result.
 #[test]
 fn held_not_run_notice_survives_a_stop_while_resuming() {
-    let mut h = Harness::new();
-    h.legacy_repo();
-    h.set("NIXFLEET_SWITCH_ISOLATION", "session");
-    let gate = gated_switch(&h, "switched", 0);
-    let mut agent = h.spawn();
-    assert!(h.wait_status(T, "Agent started"));
-    h.dash.force_command(HOST, "switch");
-    assert!(
-        agent.wait_log(T, "detached from the agent"),
-        "{}",
-        agent.log()
-    );
-    h.dash.force_command(HOST, "pull");
-    assert!(h.wait_delivered(T, "Queued: pull"), "{:?}", h.statuses());
-    agent.kill9();
+    let (h, gate) = pull_queued_behind_a_detached_switch_then_kill_9();
     let mut agent = h.spawn();
     assert!(agent.wait_log(T, "resuming a switch"), "{}", agent.log());
     agent.signal(libc::SIGTERM);
@@ -244,13 +243,7 @@ fn held_not_run_notice_survives_a_stop_while_resuming() {
         1,
         "{statuses:?}"
     );
-    let r = rows(&h);
-    let switch = r.iter().find(|r| r.0 == "switch").unwrap();
-    assert_eq!(
-        (switch.1.as_str(), switch.2.as_str()),
-        ("ok", "Switch: switched"),
-        "{r:#?}"
-    );
+    assert_switch_row_closed_by(&h, "ok", "Switch: switched");
 }
 
 /// A firewall in front of the dashboard refuses a report for what the output says, while

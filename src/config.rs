@@ -586,7 +586,9 @@ fn read_token_file(path: &Path, what: &str) -> Result<Secret, ConfigError> {
     let token = parse_token_text(&text);
     if token.is_empty() {
         return Err(ConfigError::new(format!(
-            "the token file {} ({what}) is empty; write the dashboard token into it",
+            "the token file {} ({what}) holds no token (it is empty, or has only other \
+             KEY=value lines); write the dashboard token into it, alone or as \
+             NIXFLEET_TOKEN=<token>",
             path.display()
         )));
     }
@@ -595,10 +597,35 @@ fn read_token_file(path: &Path, what: &str) -> Result<Secret, ConfigError> {
 
 /// A token file holds the bare token or `NIXFLEET_TOKEN=<token>` (the v1 cache format, which is
 /// also a systemd `EnvironmentFile`); surrounding whitespace and CR are ignored.
+///
+/// In a file of `KEY=value` lines (an EnvironmentFile given by mistake), only the
+/// `NIXFLEET_TOKEN=` line counts: sending `NIXFLEET_URL=...` as the token would 401 forever.
+/// Without one, the result is empty, which callers report as "holds no token".
 pub fn parse_token_text(text: &str) -> String {
-    let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-    let line = line.trim();
-    let line = line.strip_prefix("NIXFLEET_TOKEN=").unwrap_or(line);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let line = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("NIXFLEET_TOKEN="))
+        .or_else(|| {
+            let first = lines.first()?;
+            // A bare token never contains '='-separated shell names; `KEY=...` is another
+            // variable.
+            // (Base64 padding, `QQ==`, is not: its "value" starts with '='.)
+            let looks_like_assignment = first.split_once('=').is_some_and(|(key, value)| {
+                key.starts_with(|c: char| c.is_ascii_uppercase() || c == '_')
+                    && key
+                        .chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+                    && !value.is_empty()
+                    && !value.starts_with('=')
+            });
+            (!looks_like_assignment).then_some(*first)
+        })
+        .unwrap_or("");
     line.trim().trim_matches('"').trim_matches('\'').to_string()
 }
 
@@ -668,6 +695,23 @@ impl Settings {
         }
         if url.host_str().is_none() {
             return Err(ConfigError::invalid("url", url_raw, "has no host"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            // Not echoed: the value holds a password.
+            return Err(ConfigError::new(format!(
+                "invalid url (from {}): it must not carry a user name or password (they would \
+                 be sent, and logged, with every request); the token goes in \
+                 NIXFLEET_TOKEN_FILE; fix NIXFLEET_URL",
+                url_raw.source
+            )));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(ConfigError::invalid(
+                "url",
+                url_raw,
+                "must be the dashboard's base URL, without ?query or #fragment \
+                 (e.g. https://fleet.example.com or https://example.com/nixfleet)",
+            ));
         }
         let trimmed = url.path().trim_end_matches('/').to_string();
         url.set_path(&trimmed);
@@ -1297,5 +1341,34 @@ mod tests {
                 .restart_on_change
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn token_text_takes_the_token_line_not_another_variable() {
+        assert_eq!(parse_token_text("abc-123\n"), "abc-123");
+        assert_eq!(parse_token_text("\n  NIXFLEET_TOKEN=\"xyz\"\r\n"), "xyz");
+        assert_eq!(
+            parse_token_text("NIXFLEET_URL=https://x\nNIXFLEET_TOKEN=tok\n"),
+            "tok"
+        );
+        assert_eq!(
+            parse_token_text("NIXFLEET_URL=https://fleet.example.com\n"),
+            ""
+        );
+        assert_eq!(parse_token_text("# comment\nQQ==\n"), "QQ==");
+        assert_eq!(parse_token_text("aGVsbG8=\n"), "aGVsbG8=");
+    }
+
+    #[test]
+    fn url_with_credentials_query_or_fragment_is_refused() {
+        for url in [
+            "https://user:pw@fleet.example.com",
+            "https://fleet.example.com/?x=1",
+            "https://fleet.example.com/#top",
+        ] {
+            let err = settings(&with(&[("NIXFLEET_URL", url)]), &[]).unwrap_err();
+            assert!(err.contains("NIXFLEET_URL"), "{url}: {err}");
+            assert!(!err.contains("pw@"), "the password is not echoed: {err}");
+        }
     }
 }

@@ -778,18 +778,6 @@ impl<T: Transport> Agent<T> {
                 id,
                 result: Err(error),
             } => {
-                let error = match error {
-                    // The v1 dashboard never answers an agent 403: a firewall's 403 on a report
-                    // says nothing about the token (heartbeats use the same one).
-                    DashboardError::Unauthorized {
-                        status: 403,
-                        detail,
-                    } => DashboardError::Http {
-                        status: 403,
-                        detail,
-                    },
-                    other => other,
-                };
                 self.report_failed_last = true;
                 if !error.refuses_content() {
                     self.on_failure("report", error);

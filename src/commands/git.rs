@@ -64,7 +64,16 @@ async fn ensure_clone(ctx: &Context, url: &str, dir: &Path, branch: &str) -> Res
                     .args(["remote", "get-url", "origin"]),
             )
             .await;
-        if origin.ok && origin.output.trim() == url {
+        if origin.timed_out {
+            // Unknown, not different: never a reason to replace the checkout.
+            return Err(format!(
+                "cannot read the checkout's origin in {}: {}",
+                dir.display(),
+                origin.text
+            ));
+        }
+        // stdout and stderr arrive together: a git warning may come with the URL line.
+        if origin.ok && origin.output.lines().any(|line| line.trim() == url) {
             return Ok(());
         }
         tracing::warn!(

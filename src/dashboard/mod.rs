@@ -96,7 +96,7 @@ impl Report {
 }
 
 /// Why a request to the dashboard failed. Callers branch on the variant: transport failures
-/// and 5xx are retried with backoff, 401/403 back off long, 422 is a bug in what we sent.
+/// and 5xx are retried with backoff, 401 backs off long, 422 is a bug in what we sent.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DashboardError {
     /// DNS, connection refused, TLS failure: the dashboard could not be reached.
@@ -105,7 +105,7 @@ pub enum DashboardError {
     /// No complete answer within the request timeout.
     #[error("dashboard did not answer within {0}s")]
     Timeout(u64),
-    /// 401/403: the token was refused.
+    /// 401: the token was refused (a 403 comes from a proxy: `Http`).
     #[error("dashboard refused the token (HTTP {status}: {detail})")]
     Unauthorized { status: u16, detail: String },
     /// 422: the dashboard rejected a field; `details` are `(field, message)` pairs.
@@ -140,9 +140,7 @@ impl DashboardError {
     pub fn refuses_content(&self) -> bool {
         match self {
             DashboardError::Validation { .. } => true,
-            DashboardError::Unauthorized { status, .. } | DashboardError::Http { status, .. } => {
-                matches!(status, 400 | 403 | 409 | 411..=418)
-            }
+            DashboardError::Http { status, .. } => matches!(status, 400 | 403 | 409 | 411..=418),
             _ => false,
         }
     }

@@ -21,10 +21,12 @@ use crate::config::Settings;
 pub fn client_config(settings: &Settings) -> anyhow::Result<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
-    // A broken system store is not fatal when a CA file is given; it is reported when a
-    // connection then fails to verify.
-    let native = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(native.certs);
+    // Like curl's --cacert (what v1 passes NIXFLEET_CA_FILE to): the CA file *replaces* the
+    // system store, so an operator who pins trust to a private CA trusts only that CA.
+    if settings.ca_file.is_none() {
+        let native = rustls_native_certs::load_native_certs();
+        roots.add_parsable_certificates(native.certs);
+    }
     if let Some(ca_file) = &settings.ca_file {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca_file)
             .with_context(|| format!("failed to read ca_file {}", ca_file.display()))?

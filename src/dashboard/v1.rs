@@ -197,7 +197,9 @@ fn error_for(status: StatusCode, body: &[u8]) -> DashboardError {
     };
     let detail_text: String = detail_text.chars().take(300).collect();
     match status.as_u16() {
-        401 | 403 => DashboardError::Unauthorized {
+        // The v1 dashboard answers a bad token with 401 only (contract §2); a 403 comes from
+        // a proxy or firewall and says nothing about the token.
+        401 => DashboardError::Unauthorized {
             status: status.as_u16(),
             detail: detail_text,
         },

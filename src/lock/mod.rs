@@ -417,17 +417,24 @@ fn take_over(
         progress_age_secs = progress_age.map(|a| a.as_secs()),
         "the instance lock is held by a stalled nixfleet-agent; stopping it",
     );
-    if let Err(err) = signal(holder.pid, libc::SIGTERM)
-        && err.raw_os_error() != Some(libc::ESRCH)
-    {
-        let reason = format!("cannot signal pid {}: {err}", holder.pid);
-        return Err(LockError::HeldByUnverified {
-            holder: Some(holder),
-            reason,
-        });
+    match signal(holder.pid, libc::SIGTERM) {
+        // A SIGSTOPped holder keeps SIGTERM pending; let it run so it can handle it. Checked
+        // again first: the pid must still be the verified agent.
+        Ok(()) => {
+            if is_same_live_process(&holder) {
+                let _ = signal(holder.pid, libc::SIGCONT);
+            }
+        }
+        // Gone already: nothing more to signal.
+        Err(err) if err.raw_os_error() == Some(libc::ESRCH) => {}
+        Err(err) => {
+            let reason = format!("cannot signal pid {}: {err}", holder.pid);
+            return Err(LockError::HeldByUnverified {
+                holder: Some(holder),
+                reason,
+            });
+        }
     }
-    // A SIGSTOPped holder keeps SIGTERM pending; let it run so it can handle it.
-    let _ = signal(holder.pid, libc::SIGCONT);
 
     let started = Instant::now();
     let grace_end = started + takeover.term_grace;

@@ -30,6 +30,8 @@ pub struct Progress {
     epoch: Instant,
     /// Nanoseconds after `epoch` of the last beat.
     last_beat_ns: AtomicU64,
+    /// The main loop has beaten at least once (start-up is over).
+    beaten: AtomicBool,
     /// Nanoseconds after `epoch` of the last progress-file touch.
     last_touch_ns: AtomicU64,
     /// Kept open so a touch is one syscall with no path lookup or allocation.
@@ -79,6 +81,7 @@ impl Progress {
         Progress {
             epoch: Instant::now(),
             last_beat_ns: AtomicU64::new(0),
+            beaten: AtomicBool::new(false),
             last_touch_ns: AtomicU64::new(0),
             file,
             path,
@@ -95,6 +98,7 @@ impl Progress {
     fn beat_at(&self, now: Instant) {
         let now_ns = self.nanos(now);
         self.last_beat_ns.store(now_ns, Ordering::Release);
+        self.beaten.store(true, Ordering::Release);
         let Some(file) = &self.file else { return };
         let last = self.last_touch_ns.load(Ordering::Relaxed);
         if now_ns.saturating_sub(last) < TOUCH_INTERVAL.as_nanos() as u64 {
@@ -115,6 +119,11 @@ impl Progress {
                 "cannot update the progress file's mtime: {err}"
             );
         }
+    }
+
+    /// Whether the main loop has beaten yet (false during start-up).
+    pub fn has_beaten(&self) -> bool {
+        self.beaten.load(Ordering::Acquire)
     }
 
     /// Describes what the main loop is doing ("idle", "running switch: nixos-rebuild").

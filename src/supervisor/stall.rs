@@ -21,6 +21,20 @@ use crate::exit;
 const MIN_CHECK: Duration = Duration::from_millis(10);
 const MAX_CHECK: Duration = Duration::from_secs(1);
 
+/// Until the main loop first beats, start-up (system CA store, state files, OS facts, whose
+/// child has a 10 s timeout) may take this long even with a small `NIXFLEET_STALL_TIMEOUT`:
+/// every start-up step is bounded, and a low threshold must not make every start exit 70.
+const STARTUP_ALLOWANCE: Duration = Duration::from_secs(30);
+
+/// The stall threshold in force: the configured one once the loop runs.
+fn limit(threshold: Duration, loop_started: bool) -> Duration {
+    if loop_started {
+        threshold
+    } else {
+        threshold.max(STARTUP_ALLOWANCE)
+    }
+}
+
 /// Starts the monitor thread. When `progress.since_last_beat()` exceeds `threshold` it reports
 /// on stderr and exits the whole process with `exit::STALLED`. The thread never returns.
 pub fn spawn_stall_monitor(
@@ -34,7 +48,7 @@ pub fn spawn_stall_monitor(
             loop {
                 std::thread::sleep(period);
                 let stalled = progress.since_last_beat();
-                if stalled > threshold {
+                if stalled > limit(threshold, progress.has_beaten()) {
                     abort_stalled(&progress, stalled);
                 }
             }
@@ -145,6 +159,19 @@ mod tests {
         let _monitor = spawn_stall_monitor(progress, CHILD_THRESHOLD).unwrap();
         std::thread::sleep(Duration::from_secs(10));
         panic!("the stall monitor did not end the process");
+    }
+
+    #[test]
+    fn start_up_gets_an_allowance_the_running_loop_does_not() {
+        let small = Duration::from_secs(2);
+        assert_eq!(limit(small, false), STARTUP_ALLOWANCE);
+        assert_eq!(limit(small, true), small);
+        let big = Duration::from_secs(300);
+        assert_eq!(limit(big, false), big);
+        let progress = Progress::new(None);
+        assert!(!progress.has_beaten());
+        progress.beat();
+        assert!(progress.has_beaten());
     }
 
     #[test]

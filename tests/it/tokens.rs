@@ -85,3 +85,36 @@ fn refused_token_backs_off_long_and_names_its_source() {
     assert!(log.contains(h.token_file.to_str().unwrap()), "{log}");
     assert!(!log.contains("wrong-token"), "{log}");
 }
+
+/// A proxy or firewall answering 403 says nothing about the token (the v1 dashboard answers a
+/// bad token with 401 only): the agent backs off like an outage and keeps its per-host token.
+#[test]
+fn proxy_403_is_not_a_token_problem() {
+    let h = Harness::new();
+    let agent = h.spawn();
+    assert!(wait_until(T, || h.dash.issued_token(HOST).is_some()));
+    let token = h.dash.issued_token(HOST).unwrap();
+    assert!(wait_until(T, || h.requests(Endpoint::Register).len() >= 2));
+    h.dash.set_mode(Mode::Status(403));
+    assert!(wait_until(T, || h
+        .requests(Endpoint::Register)
+        .iter()
+        .filter(|r| r.response_status == 403)
+        .count()
+        >= 2));
+    h.dash.set_mode(Mode::Normal);
+    h.dash.clear_requests();
+    assert!(wait_until(T, || h
+        .requests(Endpoint::Register)
+        .iter()
+        .any(|r| r.response_status == 200)));
+    let bearers: Vec<_> = h
+        .requests(Endpoint::Register)
+        .iter()
+        .map(|r| r.bearer.clone().unwrap())
+        .collect();
+    assert!(bearers.iter().all(|b| *b == token), "{bearers:?}");
+    let log = agent.log();
+    assert!(!log.contains("refused the token"), "{log}");
+    assert!(log.contains("HTTP 403"), "{log}");
+}

@@ -253,6 +253,17 @@ fn run(flags: &Flags) -> u8 {
             return exit::ALREADY_RUNNING;
         }
     };
+    let _state_lock = match lock::lock_state_dir(&state_dir, &settings.agent_version) {
+        Ok(file) => file,
+        Err(e @ LockError::Io { .. }) => {
+            tracing::error!("{e}");
+            return exit::NO_STATE_DIR;
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            return exit::ALREADY_RUNNING;
+        }
+    };
     let progress = Progress::new(Some(runtime_dir.join(lock::PROGRESS_FILE)));
     if let Err(e) = spawn_stall_monitor(progress.clone(), settings.stall_timeout) {
         tracing::error!("cannot start the stall monitor thread: {e}");

@@ -41,6 +41,8 @@ compile_error!("nixfleet-agent supports Linux and macOS only");
 pub const LOCK_FILE: &str = "agent.lock";
 /// The progress file's name inside the chosen directory (see `supervisor::progress`).
 pub const PROGRESS_FILE: &str = "agent.progress";
+/// The state directory's own lock (see [`lock_state_dir`]).
+pub const STATE_LOCK_FILE: &str = "state.lock";
 
 /// How long a stale holder gets to handle SIGTERM before SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(5);
@@ -192,6 +194,17 @@ pub enum LockError {
         .waited.as_secs()
     )]
     StillHeld { holder: Holder, waited: Duration },
+    #[error(
+        "the state directory {} is in use by another nixfleet-agent ({}; its instance lock is in \
+         another runtime directory, e.g. a manual `nixfleet-agent run` beside the service); \
+         stop one of them",
+        .dir.display(),
+        .holder.as_ref().map_or_else(|| "pid unknown".to_owned(), |h| format!("pid {}", h.pid))
+    )]
+    StateDirInUse {
+        dir: PathBuf,
+        holder: Option<Holder>,
+    },
     #[error("cannot use lock file {}", .path.display())]
     Io {
         path: PathBuf,
@@ -498,6 +511,46 @@ fn locked(mut file: File, path: PathBuf, version: &str) -> Result<InstanceLock, 
 }
 
 /// `Ok(true)` once the lock is ours, `Ok(false)` while someone else holds it.
+/// Locks `dir` (the state directory) for this process's lifetime: the instance lock lives in the
+/// runtime directory, which depends on the environment (`RUNTIME_DIRECTORY`, `XDG_RUNTIME_DIR`,
+/// root or not), so two agents started differently could each get one and share the outbox,
+/// journal and token cache. This second flock, on `state.lock`, makes that impossible. No
+/// takeover here: a stuck agent is taken over through its instance lock; one found only here
+/// makes this start exit [`LockError::StateDirInUse`] (75), and the supervisor retries.
+pub fn lock_state_dir(dir: &Path, version: &str) -> Result<File, LockError> {
+    let path = dir.join(STATE_LOCK_FILE);
+    let io_err = |source| LockError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(io_err)?;
+    // A predecessor just taken over through its instance lock releases this one as it exits,
+    // a moment later: allow for that.
+    let deadline = Instant::now() + RELOCK_WAIT;
+    while !try_lock(&file, &path)? {
+        if Instant::now() >= deadline {
+            return Err(LockError::StateDirInUse {
+                dir: dir.to_path_buf(),
+                holder: read_holder(&mut file),
+            });
+        }
+        std::thread::sleep(POLL);
+    }
+    let record = Holder::current(version).map_err(io_err)?.to_record();
+    file.set_len(0).map_err(io_err)?;
+    file.seek(SeekFrom::Start(0)).map_err(io_err)?;
+    file.write_all(record.as_bytes()).map_err(io_err)?;
+    Ok(file)
+}
+
 fn try_lock(file: &File, path: &Path) -> Result<bool, LockError> {
     match file.try_lock() {
         Ok(()) => Ok(true),

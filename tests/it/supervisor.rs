@@ -559,6 +559,35 @@ fn second_instance_is_refused_with_75_naming_the_first() {
     );
 }
 
+/// Two agents started differently (another runtime directory, so another instance lock) but
+/// on the same state directory: the second is refused with 75 before it touches the outbox,
+/// journal or token cache, and the message names the first.
+#[test]
+fn second_instance_on_the_same_state_dir_is_refused_whatever_its_runtime_dir() {
+    let mut h = Harness::new();
+    let first = h.spawn();
+    assert!(
+        wait_until(T, || fs::read_to_string(h.state_dir.join("state.lock"))
+            .is_ok_and(|r| r.contains("version="))),
+        "{}",
+        first.log()
+    );
+    let other_runtime = h.tmp.path().join("other-run");
+    h.set("NIXFLEET_RUNTIME_DIR", other_runtime.display().to_string());
+    let (code, log) = h.run_to_exit(&[], T);
+    assert_eq!(code, Some(75), "{log}");
+    assert!(
+        log.contains(&format!(
+            "the state directory {} is in use by another nixfleet-agent (pid {}",
+            h.state_dir.display(),
+            first.pid()
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("nixfleet-agent starting"), "{log}");
+    assert!(alive(first.pid()), "{}", first.log());
+}
+
 #[test]
 fn lock_is_released_by_the_kernel_after_kill_9() {
     let h = Harness::new();

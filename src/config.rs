@@ -77,6 +77,7 @@ macro_rules! settings_table {
 
 settings_table! {
     "url" => "NIXFLEET_URL", "--url";
+    "protocol" => "NIXFLEET_PROTOCOL";
     "token_file" => "NIXFLEET_TOKEN_FILE", "--token-file";
     "nixcfg" => "NIXFLEET_NIXCFG";
     "repo_url" => "NIXFLEET_REPO_URL";
@@ -114,6 +115,7 @@ settings_table! {
     "queue_limit" => "NIXFLEET_QUEUE_LIMIT";
     "http_timeout" => "NIXFLEET_HTTP_TIMEOUT";
     "debug_wedge_file" => "NIXFLEET_DEBUG_WEDGE_FILE";
+    "metrics_file" => "NIXFLEET_METRICS_FILE";
 }
 
 fn setting(key: &str) -> &'static SettingName {
@@ -392,6 +394,8 @@ pub struct HostIdentity {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub url: reqwest::Url,
+    /// Which wire protocol `url` speaks: from its scheme, or forced by `NIXFLEET_PROTOCOL`.
+    pub protocol: Protocol,
     pub allow_insecure_http: bool,
     pub ca_file: Option<PathBuf>,
     /// SHA-256 digests of acceptable server public keys (curl `--pinnedpubkey sha256//...`).
@@ -427,6 +431,25 @@ pub struct Settings {
     /// Test-only hook: while this file exists the main loop blocks its thread, to prove that
     /// the watchdog pings stop and the stall monitor fires.
     pub debug_wedge_file: Option<PathBuf>,
+    /// Prometheus text-format metrics for node-exporter's textfile collector, written
+    /// atomically; `None` writes none.
+    pub metrics_file: Option<PathBuf>,
+}
+
+/// The dashboard protocol: v1 (HTTP polling, `https://`) or v2 (one WebSocket, `wss://…/ws`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    V1,
+    V2,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::V1 => "v1",
+            Protocol::V2 => "v2",
+        })
+    }
 }
 
 /// Facts from the machine that validation needs; passed in so tests control them.
@@ -680,18 +703,54 @@ impl Settings {
             url_raw.value.trim().parse().map_err(|e| {
                 ConfigError::invalid("url", url_raw, &format!("not a valid URL ({e})"))
             })?;
-        match url.scheme() {
-            "https" => {}
-            "http" if allow_insecure_http => {}
-            "http" => {
+        let forced = match raw.get("protocol") {
+            None => None,
+            Some(v) => match v.value.trim().to_ascii_lowercase().as_str() {
+                "" | "auto" => None,
+                "v1" => Some(Protocol::V1),
+                "v2" => Some(Protocol::V2),
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "protocol",
+                        v,
+                        "expected auto, v1 (HTTP polling) or v2 (WebSocket)",
+                    ));
+                }
+            },
+        };
+        let (scheme_protocol, plain) = match url.scheme() {
+            "https" => (Protocol::V1, false),
+            "http" => (Protocol::V1, true),
+            "wss" => (Protocol::V2, false),
+            "ws" => (Protocol::V2, true),
+            _ => {
                 return Err(ConfigError::invalid(
                     "url",
                     url_raw,
-                    "plain http sends the token in clear text; use https, or set \
-                     NIXFLEET_ALLOW_INSECURE_HTTP=1 if you really mean it",
+                    "must be https:// (v1 dashboard) or wss://…/ws (v2 dashboard)",
                 ));
             }
-            _ => return Err(ConfigError::invalid("url", url_raw, "must be https://")),
+        };
+        if plain && !allow_insecure_http {
+            return Err(ConfigError::invalid(
+                "url",
+                url_raw,
+                "a plain http:// or ws:// URL sends the token in clear text; use https:// or \
+                 wss://, or set NIXFLEET_ALLOW_INSECURE_HTTP=1 if you really mean it",
+            ));
+        }
+        let protocol = forced.unwrap_or(scheme_protocol);
+        // A forced protocol with the other family's scheme: map it (https <-> wss).
+        if protocol != scheme_protocol {
+            let scheme = match (protocol, plain) {
+                (Protocol::V1, false) => "https",
+                (Protocol::V1, true) => "http",
+                (Protocol::V2, false) => "wss",
+                (Protocol::V2, true) => "ws",
+            };
+            url.set_scheme(scheme).map_err(|()| {
+                ConfigError::invalid("url", url_raw, "cannot change this URL's scheme")
+            })?;
         }
         if url.host_str().is_none() {
             return Err(ConfigError::invalid("url", url_raw, "has no host"));
@@ -713,8 +772,18 @@ impl Settings {
                  (e.g. https://fleet.example.com or https://example.com/nixfleet)",
             ));
         }
-        let trimmed = url.path().trim_end_matches('/').to_string();
-        url.set_path(&trimmed);
+        if protocol == Protocol::V1 {
+            let trimmed = url.path().trim_end_matches('/').to_string();
+            url.set_path(&trimmed);
+        } else if url.path() != "/ws" {
+            // The v2 dashboard serves exactly `/ws`; anything else gets a 404 or a redirect to
+            // the login page, forever (contract v2 Q29).
+            return Err(ConfigError::invalid(
+                "url",
+                url_raw,
+                "a v2 dashboard URL must end in /ws, e.g. wss://fleet.example.com/ws",
+            ));
+        }
 
         let ca_file = raw.get("ca_file").map(|v| PathBuf::from(v.value.trim()));
         if let (Some(path), Some(v)) = (&ca_file, raw.get("ca_file"))
@@ -1023,6 +1092,7 @@ impl Settings {
 
         Ok(Settings {
             url,
+            protocol,
             allow_insecure_http,
             ca_file,
             pinned_pubkeys,
@@ -1062,6 +1132,7 @@ impl Settings {
                 Duration::from_secs(300),
             )?,
             debug_wedge_file: path_setting("debug_wedge_file")?,
+            metrics_file: path_setting("metrics_file")?,
         })
     }
 
@@ -1072,11 +1143,12 @@ impl Settings {
             None => "none configured (the cached per-host token must exist)".into(),
         };
         format!(
-            "url = {}\ntoken = {token}\nhostname = {}\nhost_type = {}\nlocation = {}\n\
+            "url = {}\nprotocol = {}\ntoken = {token}\nhostname = {}\nhost_type = {}\nlocation = {}\n\
              device_type = {}\ninterval = {}\nbackoff_cap = {}\nrepo = {:?}\n\
              agent_version = {}\ntimeouts = {:?}\nswitch_mode = {:?}\n\
              switch_isolation = {:?}\nstall_timeout = {}\n",
             self.url,
+            self.protocol,
             self.host.hostname,
             self.host.host_type.as_str(),
             self.host.location,
@@ -1162,6 +1234,35 @@ mod tests {
         )
         .unwrap();
         assert!(ok.allow_insecure_http);
+    }
+
+    #[test]
+    fn the_url_scheme_chooses_the_protocol_and_a_setting_may_force_it() {
+        let v1 = settings(BASE, &[]).unwrap();
+        assert_eq!(v1.protocol, Protocol::V1);
+        let v2 = settings(
+            &with(&[("NIXFLEET_URL", "wss://fleet.example.org/ws")]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(v2.protocol, Protocol::V2);
+        assert_eq!(v2.url.as_str(), "wss://fleet.example.org/ws");
+        let err = settings(&with(&[("NIXFLEET_URL", "ws://x:1/ws")]), &[]).unwrap_err();
+        assert!(err.contains("NIXFLEET_ALLOW_INSECURE_HTTP"), "{err}");
+        let err = settings(&with(&[("NIXFLEET_URL", "wss://x")]), &[]).unwrap_err();
+        assert!(err.contains("must end in /ws"), "{err}");
+        let forced = settings(
+            &with(&[
+                ("NIXFLEET_URL", "https://fleet.example.org/ws"),
+                ("NIXFLEET_PROTOCOL", "v2"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(forced.protocol, Protocol::V2);
+        assert_eq!(forced.url.as_str(), "wss://fleet.example.org/ws");
+        let err = settings(&with(&[("NIXFLEET_PROTOCOL", "v3")]), &[]).unwrap_err();
+        assert!(err.contains("NIXFLEET_PROTOCOL"), "{err}");
     }
 
     #[test]

@@ -11,7 +11,11 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::outbox::Outbox;
 use crate::agent::{Agent, Credentials, Startup};
 use crate::config::{FlagValues, MachineFacts, RawConfig, Settings};
+use crate::agent::LinkParts;
+use crate::config::Protocol;
+use crate::dashboard::LinkEvent;
 use crate::dashboard::v1::V1Client;
+use crate::dashboard::v2::V2Link;
 use crate::exec::Runner;
 use crate::exit;
 use crate::facts::OsFacts;
@@ -276,9 +280,12 @@ fn run(flags: &Flags) -> u8 {
             .clone()
             .unwrap_or_else(|| state_dir.join("token")),
     );
-    let cached = match cache.load() {
-        Ok(token) => token,
-        Err(e) => {
+    // v2 has one shared agent token and no per-host tokens: the v1 cache is neither read nor
+    // touched (contract v2 §10).
+    let cached = match (settings.protocol, cache.load()) {
+        (Protocol::V2, _) => None,
+        (Protocol::V1, Ok(token)) => token,
+        (Protocol::V1, Err(e)) => {
             tracing::warn!(
                 "cannot read the token cache {}: {e}; using the configured token",
                 cache.path().display()
@@ -293,8 +300,8 @@ fn run(flags: &Flags) -> u8 {
         );
         return exit::CONFIG;
     };
-    let transport = match V1Client::new(&settings) {
-        Ok(t) => t,
+    let link = match AnyLink::new(&settings, &credentials) {
+        Ok(link) => link,
         Err(e) => {
             tracing::error!("configuration error: {e:#}");
             return exit::CONFIG;
@@ -322,6 +329,7 @@ fn run(flags: &Flags) -> u8 {
         version = env!("CARGO_PKG_VERSION"),
         host = %settings.host.hostname,
         url = %settings.url,
+        protocol = %settings.protocol,
         state_dir = %state_dir.display(),
         lock = %instance_lock.path().display(),
         "nixfleet-agent starting"
@@ -344,11 +352,46 @@ fn run(flags: &Flags) -> u8 {
             progress,
             definition,
         };
-        Agent::new(startup, transport, os).run(shutdown).await
+        match link {
+            AnyLink::V1(link) => {
+                let parts = LinkParts { link, events: None };
+                Agent::new(startup, parts, os).run(shutdown).await
+            }
+            AnyLink::V2(link, events, task) => {
+                tokio::spawn(task);
+                let parts = LinkParts {
+                    link,
+                    events: Some(events),
+                };
+                Agent::new(startup, parts, os).run(shutdown).await
+            }
+        }
     });
     drop(instance_lock);
     tracing::info!("nixfleet-agent stopped (exit code {code})");
     code
+}
+
+/// The link for the configured protocol, built before the runtime starts (a bad CA file is a
+/// configuration error, exit 78).
+enum AnyLink<F> {
+    V1(V1Client),
+    V2(V2Link, tokio::sync::mpsc::Receiver<LinkEvent>, F),
+}
+
+impl AnyLink<()> {
+    fn new(
+        settings: &Settings,
+        credentials: &Credentials,
+    ) -> anyhow::Result<AnyLink<impl std::future::Future<Output = ()> + Send + 'static>> {
+        Ok(match settings.protocol {
+            Protocol::V1 => AnyLink::V1(V1Client::new(settings)?),
+            Protocol::V2 => {
+                let (link, events, task) = V2Link::new(settings, credentials.token().clone())?;
+                AnyLink::V2(link, events, task)
+            }
+        })
+    }
 }
 
 /// Installs the SIGTERM/SIGINT handlers at once, then waits for them on a task. Installing them

@@ -316,6 +316,25 @@ impl RepoMode {
             RepoMode::None => None,
         }
     }
+
+    /// The isolated clone's remote URL without credentials, for the dashboard (v2 `repo_url`).
+    pub fn url_for_display(&self) -> Option<String> {
+        let RepoMode::Isolated { url, .. } = self else {
+            return None;
+        };
+        match reqwest::Url::parse(url) {
+            Ok(mut parsed) if parsed.has_host() => {
+                let _ = parsed.set_username("");
+                let _ = parsed.set_password(None);
+                parsed.set_query(None);
+                parsed.set_fragment(None);
+                Some(parsed.to_string())
+            }
+            // scp-like `git@host:path`: the user part is no secret.
+            _ if !url.contains("://") => Some(url.clone()),
+            _ => None,
+        }
+    }
 }
 
 /// Which tool applies a configuration.

@@ -1,15 +1,21 @@
-//! The main loop: the single owner of agent state.
+//! The main loop: the single owner of agent state, and protocol-neutral.
 //!
-//! One `select!` over a closed set of inputs: the shutdown signal, the one request in flight to
-//! the dashboard, events from the running command, and a 1 s tick. Each iteration beats
-//! [`Progress`] and may ping the systemd watchdog, so a wedged loop stops both and the
-//! supervisor (or the stall monitor) restarts the agent. Requests are never awaited inline:
-//! the loop keeps ticking while a heartbeat waits 30 s for a hanging dashboard, and while a
-//! command runs for 10 minutes.
+//! One `select!` over a closed set of inputs: the shutdown signal, the one message in flight to
+//! the dashboard, events from the link (connected, command, disconnected), events and output
+//! lines from the running command, and the next deadline. There is no fixed tick: the loop
+//! sleeps until the earliest of the next heartbeat or retry, the next watchdog ping (half of
+//! `WATCHDOG_USEC`), the next progress beat the stall monitor needs, and the stop deadlines.
+//! Each iteration beats [`Progress`] and may ping the systemd watchdog, so a wedged loop stops
+//! both and the supervisor (or the stall monitor) restarts the agent. Messages are never
+//! awaited inline: the loop keeps running while a heartbeat waits 30 s for a hanging
+//! dashboard, and while a command runs for 10 minutes.
 //!
 //! Ordering: reports leave in the order commands produced them (the outbox), and always before
 //! the next heartbeat, because the v1 dashboard closes the newest open log row with whatever
-//! `/status` comes next (contract §3.3).
+//! `/status` comes next (contract §3.3). What differs between protocols comes from
+//! [`LinkTraits`]: with [`Correlation::ByPosition`] (v1) commands queue and are acknowledged on
+//! their row; with [`Correlation::ByName`] (v2) a busy agent refuses them and each command gets
+//! exactly one final status naming it.
 
 pub mod backoff;
 pub mod outbox;
@@ -27,10 +33,10 @@ use tokio_util::sync::CancellationToken;
 use crate::commands::{self, Command, Context, ExecEvent, Job, sanitize_name};
 use crate::config::{Secret, Settings, TokenOrigin, human_duration};
 use crate::dashboard::{
-    DashboardError, Heartbeat, HeartbeatReply, Outcome, Report, ReportReply, ShortReason,
-    StatusReport, Transport,
+    Correlation, DashboardError, Heartbeat, Link, LinkEvent, LinkTraits, Outcome, Outgoing,
+    OutputLine, Reply, Report, ShortReason, StatusReport,
 };
-use crate::exec::Runner;
+use crate::exec::{LineTap, Runner};
 use crate::facts::{MetricsSampler, OsFacts, read_git_head};
 use crate::store::{Journal, JournalEntry, TokenCache};
 use crate::supervisor::notify::Notifier;
@@ -43,6 +49,8 @@ const FLUSH_BUDGET: Duration = Duration::from_secs(5);
 /// Worst case on SIGTERM: shutdown grace 20 s + kill grace 10 s + flush 5 s + this 5 s = 40 s,
 /// inside the units' `TimeoutStopSec=45` and the plists' `ExitTimeOut=45`.
 const IN_FLIGHT_GRACE: Duration = Duration::from_secs(5);
+/// Output lines waiting to be streamed; a flood beyond this is counted, not kept.
+const OUTPUT_BACKLOG: usize = 256;
 
 /// Where the token in use came from; named when the dashboard refuses it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,6 +78,11 @@ pub struct Credentials {
 }
 
 impl Credentials {
+    /// The token in use.
+    pub fn token(&self) -> &Secret {
+        &self.current
+    }
+
     /// The cached per-host token wins over the configured one (v1 semantics); `None` when
     /// there is neither.
     pub fn new(
@@ -125,11 +138,23 @@ struct Running {
     /// Reports are tagged with this journal id once they may be the command's last word
     /// (after detaching, or when resuming), so a restart never reports twice.
     journal_id: u64,
+    /// The dashboard's name for it, echoed in its result ([`Correlation::ByName`]); `None` for
+    /// the agent's own setup.
+    command: Option<String>,
+    /// [`Correlation::ByName`]: the latest status, sent as the final one when the command
+    /// finishes (an earlier one is shown as output).
+    final_status: Option<StatusReport>,
+    /// Counts the output lines the stream could not take.
+    tap: Option<LineTap>,
+    /// A `stop` from the dashboard cancelled it.
+    stopped: bool,
 }
 
 /// What we know about the link to the dashboard.
 #[derive(Default)]
-struct Link {
+struct LinkHealth {
+    /// Since the link's last `Connected` (links with a session only).
+    connected_since: Option<Instant>,
     failures: u32,
     down_since: Option<Instant>,
     last_error: Option<DashboardError>,
@@ -155,11 +180,13 @@ struct Refusal {
 const REFUSALS_BEFORE_WITHHOLDING: u32 = 3;
 
 enum Delivery {
-    Heartbeat(Result<HeartbeatReply, DashboardError>),
+    Heartbeat(Result<Reply, DashboardError>),
     Report {
         id: u64,
-        result: Result<ReportReply, DashboardError>,
+        result: Result<Reply, DashboardError>,
     },
+    /// An output line or a refusal: nothing to keep if it failed.
+    Ephemeral(Result<Reply, DashboardError>),
 }
 
 type InFlight = Pin<Box<dyn Future<Output = Delivery> + Send>>;
@@ -172,11 +199,31 @@ struct Stopping {
     flush_until: Option<Instant>,
 }
 
+/// What the dashboard's link gives the loop besides replies.
+pub struct LinkParts<L> {
+    pub link: L,
+    /// Pushed events; `None` for a link that has none (v1): it is always "maybe up" and every
+    /// message is a request.
+    pub events: Option<mpsc::Receiver<LinkEvent>>,
+}
+
 /// The agent: owns all state; [`Agent::run`] is the main loop.
-pub struct Agent<T: Transport> {
+pub struct Agent<L: Link> {
     settings: Arc<Settings>,
     state_dir: PathBuf,
-    transport: T,
+    link_handle: L,
+    traits: LinkTraits,
+    link_events: Option<mpsc::Receiver<LinkEvent>>,
+    /// A link with events is usable only between `Connected` and `Disconnected`.
+    session_up: bool,
+    output_tx: mpsc::Sender<String>,
+    output_rx: mpsc::Receiver<String>,
+    /// Refusals of commands that came while another ran ([`Correlation::ByName`]).
+    rejections: VecDeque<(String, String)>,
+    /// Reboot the host once the reports are out (the dashboard's `reboot`).
+    reboot_after_stop: bool,
+    /// When the loop last beat; it wakes at least every [`Agent::beat_period`].
+    last_beat: Instant,
     runner: Runner,
     creds: Credentials,
     os: OsFacts,
@@ -186,7 +233,9 @@ pub struct Agent<T: Transport> {
     journal: Journal,
     queue: VecDeque<Job>,
     running: Option<Running>,
-    link: Link,
+    link: LinkHealth,
+    /// SHA-256 of the repository's `flake.lock`, refreshed when a command finishes.
+    lock_hash: Option<String>,
     next_heartbeat: Instant,
     in_flight: Option<InFlight>,
     events_tx: mpsc::UnboundedSender<ExecEvent>,
@@ -232,6 +281,8 @@ fn stand_in_for(report: &Report, error: &DashboardError, count: u32) -> (Report,
                 current_generation: status.current_generation.clone(),
                 output: Some(note),
                 test_status: None,
+                command: status.command.clone(),
+                dropped_lines: 0,
             }),
             status.output.clone().unwrap_or_default(),
         ),
@@ -246,6 +297,38 @@ fn stand_in_for(report: &Report, error: &DashboardError, count: u32) -> (Report,
             short.comment = Some(note);
             (Report::TestProgress(short), original)
         }
+    }
+}
+
+/// Wall-clock `HH:MM:SS` (UTC) of a monotonic instant, for status lines.
+fn clock_time(at: Instant) -> String {
+    let now = std::time::SystemTime::now();
+    let then = if at <= Instant::now() {
+        now - Instant::now().saturating_duration_since(at)
+    } else {
+        now + at.saturating_duration_since(Instant::now())
+    };
+    let secs = then
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "{:02}:{:02}:{:02}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+/// A duration rounded to what a human needs in a status line: seconds under a minute are
+/// shown as "<1m", then whole minutes, then hours and minutes.
+fn coarse_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s < 60 {
+        "<1m".into()
+    } else if s < 3600 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{}h{}m", s / 3600, (s % 3600) / 60)
     }
 }
 
@@ -280,14 +363,24 @@ fn setting_for_field(field: &str) -> Option<&'static str> {
     })
 }
 
-impl<T: Transport> Agent<T> {
-    pub fn new(startup: Startup, transport: T, os: OsFacts) -> Self {
+impl<L: Link> Agent<L> {
+    pub fn new(startup: Startup, link: LinkParts<L>, os: OsFacts) -> Self {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (output_tx, output_rx) = mpsc::channel(OUTPUT_BACKLOG);
         let settings = startup.settings;
         let generation = settings.repo.dir().and_then(read_git_head);
+        let traits = link.link.traits();
         let mut agent = Agent {
             state_dir: startup.state_dir,
-            transport,
+            traits,
+            session_up: link.events.is_none(),
+            link_events: link.events,
+            link_handle: link.link,
+            output_tx,
+            output_rx,
+            rejections: VecDeque::new(),
+            reboot_after_stop: false,
+            last_beat: Instant::now(),
             runner: startup.runner,
             creds: startup.credentials,
             os,
@@ -297,7 +390,8 @@ impl<T: Transport> Agent<T> {
             journal: startup.journal,
             queue: VecDeque::new(),
             running: None,
-            link: Link::default(),
+            link: LinkHealth::default(),
+            lock_hash: settings.repo.dir().and_then(crate::facts::flake_lock_hash),
             next_heartbeat: Instant::now(),
             in_flight: None,
             events_tx,
@@ -323,17 +417,18 @@ impl<T: Transport> Agent<T> {
                 NIXFLEET_COMMAND = %name,
                 "command {name} was queued when the agent restarted; reporting it as not run"
             );
-            let notice = Report::Status(StatusReport {
-                status: Outcome::Error,
-                current_generation: agent.generation.clone(),
-                output: Some(format!(
+            let mut notice = StatusReport::notice(
+                Outcome::Error,
+                agent.generation.clone(),
+                format!(
                     "Command {name} was not run: the agent restarted before it could start it; \
                      queue it again if needed"
-                )),
-                test_status: None,
-            });
+                ),
+            );
+            notice.command = Some(name.clone());
+            let notice = Report::Status(notice);
             // While a resumed switch's row is open, any status would close it: hold it.
-            if agent.resume.is_some() {
+            if agent.resume.is_some() && agent.by_position() {
                 agent.held_reports.push(notice);
                 held.push(name);
             } else {
@@ -341,13 +436,12 @@ impl<T: Transport> Agent<T> {
             }
         }
         agent.journal.settle_queued(held);
-        let started = Report::Status(StatusReport {
-            status: Outcome::Ok,
-            current_generation: agent.generation.clone(),
-            output: Some(format!("Agent started ({})", agent.settings.agent_version)),
-            test_status: None,
-        });
-        if agent.resume.is_some() {
+        let started = Report::Status(StatusReport::notice(
+            Outcome::Ok,
+            agent.generation.clone(),
+            format!("Agent started ({})", agent.settings.agent_version),
+        ));
+        if agent.resume.is_some() && agent.by_position() {
             agent.held_reports.push(started);
         } else {
             agent.outbox.push(started, None);
@@ -393,33 +487,30 @@ impl<T: Transport> Agent<T> {
                 left.command,
                 left.step
             );
-            self.outbox.push(
-                Report::Status(StatusReport {
-                    status: Outcome::Error,
-                    current_generation: self.generation.clone(),
-                    output: Some(format!(
-                        "Command {} was interrupted: the agent restarted during step '{}' \
-                         (started {} ago). It was not re-run; queue it again if needed.",
-                        left.command,
-                        left.step,
-                        short_duration(Duration::from_secs(ago))
-                    )),
-                    test_status: None,
-                }),
-                Some(left.id),
+            let mut report = StatusReport::notice(
+                Outcome::Error,
+                self.generation.clone(),
+                format!(
+                    "Command {} was interrupted: the agent restarted during step '{}' \
+                     (started {} ago). It was not re-run; queue it again if needed.",
+                    left.command,
+                    left.step,
+                    short_duration(Duration::from_secs(ago))
+                ),
             );
+            report.command = Some(left.command.clone());
+            self.outbox.push(Report::Status(report), Some(left.id));
         }
         self.journal.settle_previous();
     }
 
     /// The main loop. Returns the process exit code.
     pub async fn run(mut self, shutdown: CancellationToken) -> u8 {
+        let beat = self.heartbeat_payload();
+        self.link_handle.describe_host(&beat);
         self.notifier.ready(&self.status_line());
-        let tick = self
-            .notifier
-            .watchdog_interval()
-            .map_or(Duration::from_secs(1), |w| w.min(Duration::from_secs(1)));
         loop {
+            self.last_beat = Instant::now();
             self.progress.beat();
             self.notifier.watchdog_tick();
             self.debug_wedge();
@@ -427,12 +518,17 @@ impl<T: Transport> Agent<T> {
             self.start_request();
             self.notifier.status(&self.status_line());
             if let Some(code) = self.stop_done() {
+                if self.reboot_after_stop {
+                    self.reboot().await;
+                }
                 self.notifier
                     .stopping(&format!("stopped (exit code {code})"));
+                self.link_handle.close().await;
                 return code;
             }
-            let wake = self.next_wakeup(tick);
+            let wake = self.next_wakeup();
             self.progress.set_activity(self.activity());
+            let streaming = self.in_flight.is_none() && self.session_up;
             tokio::select! {
                 () = shutdown.cancelled(), if self.stopping.is_none() => {
                     tracing::info!("stop requested; finishing up");
@@ -443,9 +539,103 @@ impl<T: Transport> Agent<T> {
                     self.in_flight = None;
                     self.on_delivery(delivery);
                 }
+                Some(event) = async { self.link_events.as_mut().expect("guarded").recv().await },
+                    if self.link_events.is_some() => self.on_link_event(event),
                 Some(event) = self.events_rx.recv() => self.on_exec_event(event),
+                Some(line) = self.output_rx.recv(), if streaming => self.send_output_line(line),
                 () = tokio::time::sleep_until(wake.into()) => {}
             }
+        }
+    }
+
+    fn by_position(&self) -> bool {
+        self.traits.correlation == Correlation::ByPosition
+    }
+
+    /// The loop beats at least this often, so the stall monitor (and another instance
+    /// reading the progress file) never takes a quiet loop for a wedged one.
+    fn beat_period(&self) -> Duration {
+        (self.settings.stall_timeout / 3).max(Duration::from_millis(100))
+    }
+
+    /// Sends one output line of the running command, if the link streams output.
+    fn send_output_line(&mut self, line: String) {
+        let command = self
+            .running
+            .as_ref()
+            .and_then(|r| r.command.clone())
+            .unwrap_or_default();
+        let message = Outgoing::Output(OutputLine { command, line });
+        self.dispatch(message, Delivery::Ephemeral);
+    }
+
+    /// Puts `message` in flight.
+    fn dispatch(
+        &mut self,
+        message: Outgoing,
+        wrap: impl FnOnce(Result<Reply, DashboardError>) -> Delivery + Send + 'static,
+    ) {
+        let token = self.creds.current.expose().to_string();
+        let link = self.link_handle.clone();
+        self.in_flight = Some(Box::pin(async move {
+            wrap(link.send(&token, &message).await)
+        }));
+    }
+
+    fn on_link_event(&mut self, event: LinkEvent) {
+        match event {
+            LinkEvent::Connected => {
+                self.session_up = true;
+                self.link.connected_since = Some(Instant::now());
+                self.link_up();
+                // Heartbeat at once on registering (contract v2 §4.2).
+                self.next_heartbeat = Instant::now();
+            }
+            LinkEvent::Command(raw) => self.on_command(raw),
+            LinkEvent::Disconnected { error, retry_in } => {
+                self.session_up = false;
+                self.link.connected_since = None;
+                let now = Instant::now();
+                self.link.failures = self.link.failures.saturating_add(1);
+                self.link.down_since.get_or_insert(now);
+                self.link.retry_at = Some(now + retry_in);
+                let down_for = self.link.down_since.map_or(Duration::ZERO, |d| d.elapsed());
+                match &error {
+                    DashboardError::Unauthorized { .. } => tracing::error!(
+                        "the dashboard refused the token ({error}); retrying in {}",
+                        short_duration(retry_in)
+                    ),
+                    DashboardError::Displaced { .. } => {}
+                    _ => tracing::warn!(
+                        failures = self.link.failures,
+                        "dashboard link down: {error}; unreachable for {}, retrying in {}",
+                        short_duration(down_for),
+                        short_duration(retry_in)
+                    ),
+                }
+                self.link.last_error = Some(error);
+            }
+        }
+    }
+
+    /// Reboots the host (the dashboard's `reboot`), after the reports went out.
+    async fn reboot(&mut self) {
+        let (program, args): (&str, &[&str]) = if cfg!(target_os = "macos") {
+            ("shutdown", &["-r", "now"])
+        } else {
+            ("systemctl", &["reboot"])
+        };
+        tracing::warn!("rebooting the host as the dashboard asked: {program} {}", args.join(" "));
+        let cmd = crate::exec::Cmd::new(program, "/", Duration::from_secs(60), "reboot")
+            .args(args.iter().copied());
+        match self.runner.run(cmd, &CancellationToken::new()).await {
+            Ok(outcome) if outcome.success() => {}
+            Ok(outcome) => tracing::error!(
+                "reboot failed (exit code {}): {}",
+                outcome.exit_code(),
+                outcome.output.trim_end()
+            ),
+            Err(e) => tracing::error!("reboot failed: {e}"),
         }
     }
 
@@ -466,10 +656,26 @@ impl<T: Transport> Agent<T> {
         }
     }
 
-    fn next_wakeup(&self, tick: Duration) -> Instant {
+    /// The earliest deadline: the loop sleeps until then unless an event comes first.
+    fn next_wakeup(&self) -> Instant {
         let now = Instant::now();
-        let mut wake = now + tick;
-        if self.in_flight.is_none() && self.stopping.is_none() {
+        let mut wake = self.last_beat + self.beat_period();
+        if let Some(due) = self.notifier.next_watchdog_due() {
+            wake = wake.min(due);
+        }
+        if let Some(stopping) = &self.stopping {
+            if self.running.is_some() {
+                wake = wake.min(stopping.cancel_at);
+            }
+            if let Some(until) = stopping.flush_until {
+                wake = wake.min(if now < until {
+                    until
+                } else {
+                    until + IN_FLIGHT_GRACE
+                });
+            }
+        }
+        if self.in_flight.is_none() && self.stopping.is_none() && self.session_up {
             let due = self
                 .link
                 .retry_at
@@ -481,7 +687,7 @@ impl<T: Transport> Agent<T> {
                 });
             wake = wake.min(due.max(now));
         }
-        wake
+        wake.max(now)
     }
 
     fn begin_stop(&mut self, code: u8, grace: Duration) {
@@ -569,11 +775,30 @@ impl<T: Transport> Agent<T> {
         if journal_id == 0 || matches!(job, Job::Resume(_)) {
             self.journal_queue();
         }
+        let command = match &job {
+            Job::Run(Ok(Command::Setup)) => None,
+            Job::Run(Ok(c)) => Some(c.name().to_string()),
+            Job::Run(Err(raw)) => Some(sanitize_name(raw)),
+            Job::Resume(_) => Some(
+                self.journal
+                    .running()
+                    .map_or_else(|| "switch".into(), |entry| entry.command.clone()),
+            ),
+        };
         let cancel = CancellationToken::new();
+        // Output streams only to a link that takes it; a fresh tap counts this command's drops.
+        let tap = self
+            .traits
+            .streams_output
+            .then(|| LineTap::new(self.output_tx.clone()));
+        let runner = match &tap {
+            Some(tap) => self.runner.clone().with_line_tap(tap.clone()),
+            None => self.runner.clone(),
+        };
         let ctx = Context {
             state_dir: self.state_dir.clone(),
             settings: self.settings.clone(),
-            runner: self.runner.clone(),
+            runner,
             events: self.events_tx.clone(),
             cancel: cancel.clone(),
             definition: self.definition.clone(),
@@ -589,6 +814,10 @@ impl<T: Transport> Agent<T> {
             cancel,
             detached,
             journal_id,
+            command,
+            final_status: None,
+            tap,
+            stopped: false,
         });
     }
 
@@ -609,8 +838,23 @@ impl<T: Transport> Agent<T> {
                     running.step_timeout = timeout;
                 }
             }
-            ExecEvent::Report(report) => {
+            ExecEvent::Report(mut report) => {
                 tracing::debug!("queued report: {}", describe(&report));
+                if let (Report::Status(status), Some(running)) = (&mut report, &mut self.running)
+                    && !self.traits.correlation.eq(&Correlation::ByPosition)
+                {
+                    status.command = running.command.clone();
+                    if running.detached.is_none() {
+                        // Only the last status is the command's result; an earlier one is
+                        // progress, shown as output.
+                        if let Some(mut earlier) = running.final_status.replace(status.clone()) {
+                            earlier.command = None;
+                            self.outbox.push(Report::Status(earlier), None);
+                        }
+                        return;
+                    }
+                    status.dropped_lines = running.tap.as_ref().map_or(0, LineTap::dropped);
+                }
                 let detached = self
                     .running
                     .as_mut()
@@ -636,6 +880,19 @@ impl<T: Transport> Agent<T> {
             }
             ExecEvent::Facts(os) => self.os = os,
             ExecEvent::Finished { exit, left_running } => {
+                if let Some(running) = &mut self.running
+                    && let Some(mut status) = running.final_status.take()
+                {
+                    status.dropped_lines = running.tap.as_ref().map_or(0, LineTap::dropped);
+                    if running.stopped {
+                        let note = "Stopped by the dashboard's stop command.";
+                        status.output = Some(match status.output.take() {
+                            Some(text) => format!("{note}\n{text}"),
+                            None => note.to_string(),
+                        });
+                    }
+                    self.outbox.push(Report::Status(status), None);
+                }
                 if let Some(running) = self.running.take() {
                     tracing::info!(
                         NIXFLEET_COMMAND = %running.name,
@@ -651,6 +908,11 @@ impl<T: Transport> Agent<T> {
                     self.journal.finish();
                 }
                 self.generation = self.settings.repo.dir().and_then(read_git_head);
+                self.lock_hash = self
+                    .settings
+                    .repo
+                    .dir()
+                    .and_then(crate::facts::flake_lock_hash);
                 // Not while the switch's row is still open (the next instance reports it).
                 if !left_running {
                     for report in std::mem::take(&mut self.held_reports) {
@@ -681,30 +943,34 @@ impl<T: Transport> Agent<T> {
         {
             return;
         }
+        if !self.session_up {
+            return;
+        }
         let heartbeat_due = self.stopping.is_none() && now >= self.next_heartbeat;
-        let token = self.creds.current.expose().to_string();
+        if let Some((command, current)) = self.rejections.pop_front() {
+            self.dispatch(Outgoing::Rejected { command, current }, Delivery::Ephemeral);
+            return;
+        }
+        // Lines a command printed go before its result.
+        if let Ok(line) = self.output_rx.try_recv() {
+            self.send_output_line(line);
+            return;
+        }
         if let Some(entry) = self
             .outbox
             .front()
             .filter(|_| !(self.report_failed_last && heartbeat_due))
         {
             let id = entry.id;
-            let report = entry.report.clone();
-            let transport = self.transport.clone();
-            self.in_flight = Some(Box::pin(async move {
-                let result = transport.report(&token, &report).await;
-                Delivery::Report { id, result }
-            }));
+            let message = Outgoing::Report(entry.report.clone());
+            self.dispatch(message, move |result| Delivery::Report { id, result });
             return;
         }
         if self.stopping.is_some() || now < self.next_heartbeat {
             return;
         }
         let beat = self.heartbeat_payload();
-        let transport = self.transport.clone();
-        self.in_flight = Some(Box::pin(async move {
-            Delivery::Heartbeat(transport.heartbeat(&token, &beat).await)
-        }));
+        self.dispatch(Outgoing::Heartbeat(Box::new(beat)), Delivery::Heartbeat);
     }
 
     fn heartbeat_payload(&mut self) -> Heartbeat {
@@ -730,11 +996,20 @@ impl<T: Transport> Agent<T> {
             os_version: self.os.os_version.clone(),
             os_name: self.os.os_name.clone(),
             metrics: self.metrics.sample(),
+            running: self.running.as_ref().and_then(|r| r.command.clone()),
+            repo_url: self.settings.repo.url_for_display(),
+            lock_hash: self.lock_hash.clone(),
         }
     }
 
     fn on_delivery(&mut self, delivery: Delivery) {
         match delivery {
+            // A line or a refusal that did not go out is not worth a retry; a link that is
+            // down says so with its own event.
+            Delivery::Ephemeral(Ok(_)) => {}
+            Delivery::Ephemeral(Err(error)) => {
+                tracing::debug!("an output line or refusal was not delivered: {error}");
+            }
             Delivery::Heartbeat(Ok(reply)) => {
                 self.report_failed_last = false;
                 if let Some(refusal) = &mut self.refusal {
@@ -886,19 +1161,17 @@ impl<T: Transport> Agent<T> {
         self.link.retry_at = None;
         self.link.last_error = None;
         self.link.last_ok = Some(Instant::now());
-        // Said only when idle: a status while a command runs would close its log row.
-        if self.running.is_none()
-            && self.queue.is_empty()
-            && self.outbox.is_empty()
-            && let Some(note) = self.outage_note.take()
-        {
+        // v1: said only when idle, since a status while a command runs would close its log
+        // row. A notice closes nothing by name (v2).
+        let may_say = !self.by_position()
+            || (self.running.is_none() && self.queue.is_empty() && self.outbox.is_empty());
+        if may_say && let Some(note) = self.outage_note.take() {
             self.outbox.push(
-                Report::Status(StatusReport {
-                    status: Outcome::Ok,
-                    current_generation: self.generation.clone(),
-                    output: Some(note),
-                    test_status: None,
-                }),
+                Report::Status(StatusReport::notice(
+                    Outcome::Ok,
+                    self.generation.clone(),
+                    note,
+                )),
                 None,
             );
         }
@@ -1035,6 +1308,10 @@ impl<T: Transport> Agent<T> {
         let command = Job::Run(Command::parse(&raw).ok_or_else(|| raw.clone()));
         let name = command_label(&command);
         tracing::info!(NIXFLEET_COMMAND = %name, "received command {name}");
+        if !self.by_position() {
+            self.on_named_command(command, name);
+            return;
+        }
         if self.stopping.is_some() {
             self.acknowledge(
                 Outcome::Error,
@@ -1086,15 +1363,90 @@ impl<T: Transport> Agent<T> {
         );
     }
 
+    /// A command from a link that matches results by name ([`Correlation::ByName`]): run it if
+    /// idle, refuse it if busy; `stop`, `restart` and `reboot` act at once.
+    fn on_named_command(&mut self, job: Job, name: String) {
+        let busy_with = self
+            .running
+            .as_ref()
+            .map(|r| r.name.clone())
+            .or_else(|| self.queue.front().map(command_label));
+        let command = match &job {
+            Job::Run(Ok(c)) => Some(*c),
+            _ => None,
+        };
+        if self.stopping.is_some() && command != Some(Command::Stop) {
+            self.answer(
+                &name,
+                Outcome::Error,
+                format!("Not run: {name} arrived while the agent was stopping; send it again"),
+            );
+            return;
+        }
+        match (command, &busy_with) {
+            (Some(Command::Stop), None) => {
+                self.answer("stop", Outcome::Error, "No command running".into());
+            }
+            (Some(Command::Stop), Some(current)) => {
+                let current = current.clone();
+                if let Some(running) = &mut self.running {
+                    running.stopped = true;
+                    running.cancel.cancel();
+                }
+                self.queue.clear();
+                self.journal_queue();
+                tracing::warn!(NIXFLEET_COMMAND = %current, "stopping {current} as the dashboard asked");
+                self.answer("stop", Outcome::Ok, format!("Stopped {current}"));
+            }
+            (Some(Command::Restart), _) => {
+                self.answer("restart", Outcome::Ok, "Agent restarting...".into());
+                self.begin_stop(crate::exit::OK, self.settings.shutdown_grace);
+            }
+            (Some(Command::Reboot), Some(current)) => {
+                self.answer(
+                    "reboot",
+                    Outcome::Error,
+                    format!(
+                        "Reboot refused: {current} is running; stop it first or reboot when \
+                         it has finished"
+                    ),
+                );
+            }
+            (Some(Command::Reboot), None) => {
+                self.answer(
+                    "reboot",
+                    Outcome::Ok,
+                    "Rebooting once this report is delivered".into(),
+                );
+                self.reboot_after_stop = true;
+                self.begin_stop(crate::exit::OK, Duration::ZERO);
+            }
+            (_, Some(current)) => {
+                tracing::warn!(
+                    NIXFLEET_COMMAND = %name,
+                    "refused command {name}: {current} is running"
+                );
+                self.rejections.push_back((name, current.clone()));
+            }
+            (_, None) => self.queue.push_back(job),
+        }
+    }
+
+    /// A final status for command `name` that is not the result of a job (stop, restart...).
+    fn answer(&mut self, name: &str, outcome: Outcome, text: String) {
+        let mut report = StatusReport::notice(outcome, self.generation.clone(), text);
+        report.command = Some(name.to_string());
+        self.outbox.push(Report::Status(report), None);
+    }
+
     /// A status that must be the next one the dashboard sees (nothing is in flight while a
     /// heartbeat reply is handled, so the front of the outbox is next).
     fn acknowledge(&mut self, status: Outcome, output: String) {
-        self.outbox.push_front(Report::Status(StatusReport {
+        self.outbox.push_front(Report::Status(StatusReport::notice(
             status,
-            current_generation: self.generation.clone(),
-            output: Some(output),
-            test_status: None,
-        }));
+            self.generation.clone(),
+            output,
+        )));
     }
 
     /// Keeps the journal's list of waiting dashboard commands current.
@@ -1128,10 +1480,10 @@ impl<T: Transport> Agent<T> {
                     .map(|t| format!(" of {}", short_duration(t)))
                     .unwrap_or_default();
                 parts.push(format!(
-                    "running {} (step {}: {}{timeout}); {} queued",
+                    "running {} (step {} since {}{timeout}); {} queued",
                     r.name,
                     r.step,
-                    short_duration(r.step_started.elapsed()),
+                    clock_time(r.step_started),
                     self.queue.len()
                 ));
             }
@@ -1150,19 +1502,27 @@ impl<T: Transport> Agent<T> {
                 } else {
                     "dashboard refusing requests"
                 };
+                let what = match error {
+                    DashboardError::Unauthorized { status, .. } => {
+                        format!("refused: {status}, check the token")
+                    }
+                    DashboardError::Displaced { .. } => {
+                        "another agent uses this hostname".to_string()
+                    }
+                    _ => what.to_string(),
+                };
+                // Coarse ages: the line changes when something happens, not every second.
                 parts.push(format!(
-                    "{what} for {} ({}), retrying in {}",
-                    short_duration(since.elapsed()),
+                    "{what} for {} ({}), retrying at {}",
+                    coarse_duration(since.elapsed()),
                     ShortReason(error),
-                    short_duration(retry)
+                    clock_time(Instant::now() + retry)
                 ));
             }
-            _ => match self.link.last_ok {
-                Some(at) => parts.push(format!(
-                    "last heartbeat {} ago",
-                    short_duration(at.elapsed())
-                )),
-                None => parts.push("connecting to the dashboard".into()),
+            _ => match (self.link.last_ok, self.link.connected_since) {
+                (_, Some(since)) => parts.push(format!("connected since {}", clock_time(since))),
+                (Some(at), None) => parts.push(format!("last heartbeat at {}", clock_time(at))),
+                (None, None) => parts.push("connecting to the dashboard".into()),
             },
         }
         if !self.outbox.is_empty() {

@@ -221,12 +221,7 @@ mod tests {
     use crate::dashboard::{Outcome, StatusReport, TestProgress};
 
     fn status(text: &str) -> Report {
-        Report::Status(StatusReport {
-            status: Outcome::Ok,
-            current_generation: None,
-            output: Some(text.into()),
-            test_status: None,
-        })
+        Report::Status(StatusReport::notice(Outcome::Ok, None, text.into()))
     }
 
     fn running(current: u32) -> Report {

@@ -8,6 +8,7 @@
 //!
 //! Contract for behaviour and report wording: `docs/protocol-v1.md` §9.3 and §9.6.
 
+mod extra;
 mod git;
 mod switch;
 mod test;
@@ -62,6 +63,16 @@ pub enum Command {
     Test,
     Update,
     Restart,
+    Rollback,
+    /// Cancels the running command (handled by the main loop).
+    Stop,
+    /// Reboots the host once the result is delivered (handled by the main loop).
+    Reboot,
+    CheckVersion,
+    RefreshGit,
+    RefreshLock,
+    RefreshSystem,
+    RefreshAll,
     /// Internal: clone the isolated repository at start. Never comes from the dashboard.
     Setup,
 }
@@ -76,6 +87,14 @@ impl Command {
             "test" => Command::Test,
             "update" => Command::Update,
             "restart" => Command::Restart,
+            "rollback" => Command::Rollback,
+            "stop" => Command::Stop,
+            "reboot" => Command::Reboot,
+            "check-version" => Command::CheckVersion,
+            "refresh-git" => Command::RefreshGit,
+            "refresh-lock" => Command::RefreshLock,
+            "refresh-system" => Command::RefreshSystem,
+            "refresh-all" => Command::RefreshAll,
             _ => return None,
         })
     }
@@ -89,6 +108,14 @@ impl Command {
             Command::Test => "test",
             Command::Update => "update",
             Command::Restart => "restart",
+            Command::Rollback => "rollback",
+            Command::Stop => "stop",
+            Command::Reboot => "reboot",
+            Command::CheckVersion => "check-version",
+            Command::RefreshGit => "refresh-git",
+            Command::RefreshLock => "refresh-lock",
+            Command::RefreshSystem => "refresh-system",
+            Command::RefreshAll => "refresh-all",
             Command::Setup => "setup",
         }
     }
@@ -175,6 +202,8 @@ impl Context {
                 current_generation: self.generation(),
                 output: Some(limit_output(output)),
                 test_status,
+                command: None,
+                dropped_lines: 0,
             })));
     }
 
@@ -345,6 +374,18 @@ pub async fn execute(ctx: Context, job: Job) {
             let result = switch::update(&ctx).await;
             (os_changed, exit, left_running) = (result.ok, result.exit, result.left_running);
         }
+        Ok(Command::Rollback) => os_changed = extra::rollback(&ctx).await,
+        // The main loop acts on these itself when its link can receive them at any time; a
+        // queued one (v1) has nothing left to act on.
+        Ok(Command::Stop) => ctx.error("Stop: no command running"),
+        Ok(Command::Reboot) => {
+            ctx.error("Reboot refused: this dashboard cannot confirm it received the result")
+        }
+        Ok(Command::CheckVersion) => extra::check_version(&ctx).await,
+        Ok(Command::RefreshGit) => ctx.ok("git status check is dashboard-side"),
+        Ok(Command::RefreshLock) => extra::refresh_lock(&ctx, "Refresh-lock").await,
+        Ok(Command::RefreshAll) => extra::refresh_lock(&ctx, "Refresh-all").await,
+        Ok(Command::RefreshSystem) => extra::refresh_system(&ctx).await,
     }
     finish(&ctx, os_changed, exit, left_running).await;
 }

@@ -30,6 +30,25 @@ impl SwitchResult {
 }
 
 /// The switch tool for this host.
+pub(super) fn resolve_switch_mode(mode: SwitchMode) -> SwitchMode {
+    resolve_mode(mode)
+}
+
+/// `program` as root: directly when the agent is root, else through `sudo -n` (a password
+/// prompt in a daemon could only hang until the timeout).
+pub(super) fn sudo_unless_root(
+    program: &str,
+    dir: &Path,
+    timeout: std::time::Duration,
+    label: &str,
+) -> Cmd {
+    if nix::unistd::geteuid().is_root() {
+        Cmd::new(program, dir, timeout, label)
+    } else {
+        Cmd::new("sudo", dir, timeout, label).args(["-n", program])
+    }
+}
+
 fn resolve_mode(mode: SwitchMode) -> SwitchMode {
     match mode {
         SwitchMode::Auto if cfg!(target_os = "macos") => {

@@ -1,12 +1,16 @@
-//! The seam between the agent and a dashboard: what the main loop sends and receives, and the
-//! [`Transport`] trait a protocol implements. Only this module and its children know about JSON
-//! and HTTP; the executor and the loop speak in these types.
+//! The seam between the agent and a dashboard: what the main loop sends ([`Outgoing`]), what
+//! the wire turns into ([`LinkEvent`], [`Reply`]), and the [`Link`] trait a protocol implements.
+//! Only this module and its children know about JSON, HTTP and WebSockets; the executor, the
+//! journal, the outbox and the loop speak in these types.
 //!
-//! Today there is one protocol, NixFleet v1 ([`v1`], contract in `docs/protocol-v1.md`). A
-//! second protocol is a second `Transport` implementation; nothing else has to change.
+//! Two protocols: NixFleet v1 ([`v1`], HTTP polling, `docs/protocol-v1.md`) and v2 ([`v2`], one
+//! WebSocket, `docs/protocol-v2.md`). The loop learns the few things that differ for it from
+//! [`LinkTraits`] (how a result is tied to its command, whether output streams live), never
+//! from the protocol's name.
 
 pub mod tls;
 pub mod v1;
+pub mod v2;
 
 use std::fmt;
 use std::future::Future;
@@ -22,7 +26,8 @@ pub struct Metrics {
     pub load: String,
 }
 
-/// Everything a heartbeat carries (v1: `POST /register`).
+/// Everything a heartbeat carries (v1: `POST /register`; v2: `register` and `heartbeat`).
+/// Serialized as is for v1; the v2 link builds its own messages from it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Heartbeat {
     pub hostname: String,
@@ -40,14 +45,23 @@ pub struct Heartbeat {
     pub os_name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Metrics>,
+    /// The command running now (v2 `pending_command`; v1 has no such field).
+    #[serde(skip)]
+    pub running: Option<String>,
+    /// The config repository's remote URL, credentials removed (v2 `repo_url`).
+    #[serde(skip)]
+    pub repo_url: Option<String>,
+    /// SHA-256 of the repository's `flake.lock` (v2 `lock_hash`), computed when it can change.
+    #[serde(skip)]
+    pub lock_hash: Option<String>,
 }
 
-/// What a heartbeat reply tells the agent.
+/// What the dashboard answered to something the agent sent.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct HeartbeatReply {
-    /// A command to run, delivered at most once by the dashboard.
+pub struct Reply {
+    /// A command to run (v1 delivers it in the heartbeat reply, at most once).
     pub command: Option<String>,
-    /// A freshly provisioned per-host token: switch to it and persist it at once.
+    /// A freshly provisioned per-host token (v1 only): switch to it and persist it at once.
     pub agent_token: Option<String>,
 }
 
@@ -59,14 +73,39 @@ pub enum Outcome {
     Error,
 }
 
-/// A result report (v1: `POST /status`). The first one after a delivery closes that
-/// command's log row in the dashboard.
+/// A result report (v1: `POST /status`, where the first one after a delivery closes that
+/// command's log row; v2: `status`, matched to its command by name).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReport {
     pub status: Outcome,
     pub current_generation: Option<String>,
     pub output: Option<String>,
     pub test_status: Option<String>,
+    /// The dashboard command this is the final result of; `None` for the agent's own notices
+    /// ("Agent started", the outage note), which v2 shows as output lines, not results.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Output lines that could not be streamed (v2: the flood was over the bound).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped_lines: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl StatusReport {
+    /// An agent notice (not the result of a dashboard command).
+    pub fn notice(status: Outcome, generation: Option<String>, text: String) -> StatusReport {
+        StatusReport {
+            status,
+            current_generation: generation,
+            output: Some(text),
+            test_status: None,
+            command: None,
+            dropped_lines: 0,
+        }
+    }
 }
 
 /// Test progress (v1: `POST /test-progress`).
@@ -120,6 +159,14 @@ pub enum DashboardError {
     /// A 2xx answer we could not use (invalid JSON, over the size cap).
     #[error("unusable reply from dashboard: {0}")]
     BadReply(String),
+    /// v2: the dashboard keeps only the newest connection per hostname, and another agent
+    /// registered this host's name right after we did, `times` times in a row.
+    #[error(
+        "another agent is connected as hostname {hostname:?}: the dashboard closed this \
+         connection for a newer one {times} time(s) right after registering; stop the other \
+         agent or give this host its own NIXFLEET_HOSTNAME"
+    )]
+    Displaced { hostname: String, times: u32 },
 }
 
 fn format_details(details: &[(String, String)]) -> String {
@@ -169,31 +216,86 @@ impl fmt::Display for ShortReason<'_> {
             DashboardError::ServerError => f.write_str("HTTP 500"),
             DashboardError::Http { status, .. } => write!(f, "HTTP {status}"),
             DashboardError::BadReply(_) => f.write_str("bad reply"),
+            DashboardError::Displaced { .. } => {
+                f.write_str("displaced by another agent with the same hostname")
+            }
         }
     }
 }
 
-/// A dashboard protocol. Implementations are cheap to clone (they share a connection pool) so
-/// the main loop can move one into each in-flight request.
-pub trait Transport: Clone + Send + Sync + 'static {
-    /// Register/heartbeat; may deliver a command and a per-host token.
-    fn heartbeat(
-        &self,
-        token: &str,
-        beat: &Heartbeat,
-    ) -> impl Future<Output = Result<HeartbeatReply, DashboardError>> + Send;
-
-    /// Deliver one report.
-    fn report(
-        &self,
-        token: &str,
-        report: &Report,
-    ) -> impl Future<Output = Result<ReportReply, DashboardError>> + Send;
+/// How the dashboard ties a result to the command it answers: the one difference between the
+/// protocols that shapes what the loop does with commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Correlation {
+    /// v1: the next `/status` closes the newest open log row. Commands that arrive while one
+    /// runs wait in the agent's queue, acknowledged at once so every result lands on its own
+    /// row; the agent's notices are held while a row is open.
+    ByPosition,
+    /// v2: `status.command` echoes the command's name, one final status per command. A command
+    /// that arrives while another runs is refused (`command_rejected`), except stop, restart
+    /// and reboot; notices never close anything.
+    ByName,
 }
 
-/// What a report's reply may carry (v1 never sends a token here, but the contract says every
-/// response is scanned for one).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ReportReply {
-    pub agent_token: Option<String>,
+/// What the main loop must know about a link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkTraits {
+    pub correlation: Correlation,
+    /// Child output is streamed line by line while a command runs (v2 `output`).
+    pub streams_output: bool,
+}
+
+/// One line of a running command's output, for links that stream it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutputLine {
+    /// The command it belongs to.
+    pub command: String,
+    pub line: String,
+}
+
+/// Something the agent sends to the dashboard. One at a time, in the order the loop chooses.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outgoing {
+    Heartbeat(Box<Heartbeat>),
+    Report(Report),
+    /// Only sent when [`LinkTraits::streams_output`].
+    Output(OutputLine),
+    /// A command refused because `current` runs ([`Correlation::ByName`] only).
+    Rejected { command: String, current: String },
+}
+
+/// What the wire tells the loop without being asked (v2's pushed messages and connection
+/// state; v1 has none: everything it says is a [`Reply`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// The link is up and the dashboard knows this host (v2: `registered`).
+    Connected,
+    /// A command pushed by the dashboard.
+    Command(String),
+    /// The link went down; it redials by itself after `retry_in`.
+    Disconnected {
+        error: DashboardError,
+        retry_in: std::time::Duration,
+    },
+}
+
+/// A dashboard protocol. Implementations are cheap to clone (they share a connection pool or
+/// a socket task) so the main loop can move one into each message in flight.
+pub trait Link: Clone + Send + Sync + 'static {
+    fn traits(&self) -> LinkTraits;
+
+    /// The host's latest facts, for links that introduce the host on their own (v2
+    /// `register` on every connection). Called at start and with every heartbeat.
+    fn describe_host(&self, _beat: &Heartbeat) {}
+
+    /// Delivers one message: resolves once the dashboard has it (v1: a 2xx answer; v2: the
+    /// frame is written to a registered socket), or with why not.
+    fn send(
+        &self,
+        token: &str,
+        message: &Outgoing,
+    ) -> impl Future<Output = Result<Reply, DashboardError>> + Send;
+
+    /// Ends the link politely (v2: a close frame, never right after a result). Bounded.
+    fn close(&self) -> impl Future<Output = ()> + Send;
 }

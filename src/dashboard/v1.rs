@@ -10,7 +10,9 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde::Deserialize;
 
-use super::{DashboardError, Heartbeat, HeartbeatReply, Report, ReportReply, Transport};
+use super::{
+    Correlation, DashboardError, Heartbeat, Link, LinkTraits, Outgoing, Reply, Report, StatusReport,
+};
 use crate::config::Settings;
 
 /// Largest reply body we read; anything longer is refused without growing the agent.
@@ -101,24 +103,43 @@ impl V1Client {
     }
 }
 
-impl Transport for V1Client {
-    async fn heartbeat(
-        &self,
-        token: &str,
-        beat: &Heartbeat,
-    ) -> Result<HeartbeatReply, DashboardError> {
+/// `POST /status` body: exactly the v1 fields (the neutral report carries more).
+#[derive(serde::Serialize)]
+struct StatusWire<'a> {
+    status: super::Outcome,
+    current_generation: &'a Option<String>,
+    output: &'a Option<String>,
+    test_status: &'a Option<String>,
+}
+
+impl<'a> From<&'a StatusReport> for StatusWire<'a> {
+    fn from(report: &'a StatusReport) -> Self {
+        StatusWire {
+            status: report.status,
+            current_generation: &report.current_generation,
+            output: &report.output,
+            test_status: &report.test_status,
+        }
+    }
+}
+
+impl V1Client {
+    async fn heartbeat(&self, token: &str, beat: &Heartbeat) -> Result<Reply, DashboardError> {
         let body = self.post_json("register", token, beat, false).await?;
         let wire: RegisterReplyWire = serde_json::from_slice(&body)
             .map_err(|e| DashboardError::BadReply(format!("invalid JSON: {e}")))?;
-        Ok(HeartbeatReply {
+        Ok(Reply {
             command: wire.command.filter(|c| !c.trim().is_empty()),
             agent_token: wire.agent_token.filter(|t| !t.is_empty()),
         })
     }
 
-    async fn report(&self, token: &str, report: &Report) -> Result<ReportReply, DashboardError> {
+    async fn report(&self, token: &str, report: &Report) -> Result<Reply, DashboardError> {
         let body = match report {
-            Report::Status(status) => self.post_json("status", token, status, true).await?,
+            Report::Status(status) => {
+                self.post_json("status", token, &StatusWire::from(status), true)
+                    .await?
+            }
             Report::TestProgress(progress) => {
                 self.post_json("test-progress", token, progress, true)
                     .await?
@@ -129,8 +150,31 @@ impl Transport for V1Client {
             .ok()
             .and_then(|w| w.agent_token)
             .filter(|t| !t.is_empty());
-        Ok(ReportReply { agent_token })
+        Ok(Reply {
+            command: None,
+            agent_token,
+        })
     }
+}
+
+impl Link for V1Client {
+    fn traits(&self) -> LinkTraits {
+        LinkTraits {
+            correlation: Correlation::ByPosition,
+            streams_output: false,
+        }
+    }
+
+    async fn send(&self, token: &str, message: &Outgoing) -> Result<Reply, DashboardError> {
+        match message {
+            Outgoing::Heartbeat(beat) => self.heartbeat(token, beat).await,
+            Outgoing::Report(report) => self.report(token, report).await,
+            // v1 has no place for these; the loop does not send them to a v1 link.
+            Outgoing::Output(_) | Outgoing::Rejected { .. } => Ok(Reply::default()),
+        }
+    }
+
+    async fn close(&self) {}
 }
 
 fn classify_send_error(err: reqwest::Error, timeout_secs: u64) -> DashboardError {

@@ -32,6 +32,8 @@ pub(super) struct Capture {
     line: Vec<u8>,
     /// The current line was longer than `MAX_LOG_LINE`.
     line_truncated: bool,
+    /// Live lines for a link that streams output.
+    stream: Option<super::tap::LineSplitter>,
 }
 
 impl Capture {
@@ -46,13 +48,22 @@ impl Capture {
             omitted: 0,
             line: Vec::new(),
             line_truncated: false,
+            stream: None,
         }
+    }
+
+    pub(super) fn with_tap(mut self, tap: Option<super::tap::LineTap>) -> Self {
+        self.stream = tap.map(super::tap::LineSplitter::new);
+        self
     }
 
     pub(super) fn push(&mut self, data: &[u8]) {
         // Checked per chunk, not per line: splitting a flood into lines nobody reads is waste.
         if tracing::enabled!(target: "nixfleet_agent::child", tracing::Level::DEBUG) {
             self.log_lines(data);
+        }
+        if let Some(stream) = &mut self.stream {
+            stream.push(data);
         }
         self.keep(data);
     }
@@ -107,6 +118,9 @@ impl Capture {
     pub(super) fn finish(mut self) -> String {
         if !self.line.is_empty() || self.line_truncated {
             self.flush_line();
+        }
+        if let Some(stream) = &mut self.stream {
+            stream.finish();
         }
         let tail = self.tail.make_contiguous();
         if self.omitted == 0 {

@@ -28,6 +28,7 @@
 //! decides these things. Mechanics that depend on the platform live in `unix.rs`.
 
 mod capture;
+mod tap;
 mod env;
 mod escaped;
 #[cfg(test)]
@@ -48,6 +49,7 @@ use nix::sys::signal::Signal;
 use tokio_util::sync::CancellationToken;
 
 use capture::Capture;
+pub use tap::{LineTap, MAX_STREAM_LINE};
 
 /// How much captured output to keep in memory (head + tail) per child.
 pub const DEFAULT_OUTPUT_CAP: usize = 256 * 1024;
@@ -68,6 +70,8 @@ pub struct Runner {
     /// The allowlisted environment, computed once: the agent's own environment does not change
     /// while it runs, and filtering it per child would only repeat the same work.
     env: Arc<[(OsString, OsString)]>,
+    /// Where children's lines go live, if anywhere.
+    tap: Option<LineTap>,
 }
 
 /// One child process to run.
@@ -232,7 +236,14 @@ impl Runner {
             kill_grace,
             output_cap: DEFAULT_OUTPUT_CAP,
             env: env::allowlisted(parent).into(),
+            tap: None,
         }
+    }
+
+    /// A runner whose children's output is also offered, line by line, to `tap`.
+    pub fn with_line_tap(mut self, tap: LineTap) -> Self {
+        self.tap = Some(tap);
+        self
     }
 
     pub fn with_output_cap(mut self, cap: usize) -> Self {
@@ -275,7 +286,7 @@ impl Runner {
         })?;
         tracing::debug!(label = %cmd.label, pid, program = ?cmd.program, "child started");
 
-        let mut capture = Capture::new(self.output_cap, &cmd.label);
+        let mut capture = Capture::new(self.output_cap, &cmd.label).with_tap(self.tap.clone());
         let expired = sleep_until(deadline);
         let cancelled = cancel.cancelled();
         tokio::pin!(expired, cancelled);

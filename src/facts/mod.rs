@@ -65,6 +65,21 @@ pub fn limit(value: Option<String>, max_chars: usize) -> Option<String> {
     value.filter(|v| !v.is_empty() && v.chars().count() <= max_chars)
 }
 
+/// Lowercase hex SHA-256 of `<dir>/flake.lock` (v2 `lock_hash`, contract §6.4); `None` when
+/// it cannot be read. Bounded: a lock file over 4 MiB is not hashed.
+pub fn flake_lock_hash(dir: &Path) -> Option<String> {
+    use sha2::Digest as _;
+    use std::io::Read as _;
+    let file = std::fs::File::open(dir.join("flake.lock")).ok()?;
+    let mut bytes = Vec::new();
+    file.take(4 * 1024 * 1024 + 1).read_to_end(&mut bytes).ok()?;
+    if bytes.len() > 4 * 1024 * 1024 {
+        return None;
+    }
+    let digest = sha2::Sha256::digest(&bytes);
+    Some(digest.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// The commit hash at HEAD of the git repository `dir`, read from `.git` without running git.
 /// Handles detached HEADs, loose and packed refs, and `.git` files (worktrees, submodules).
 pub fn read_git_head(dir: &Path) -> Option<String> {

@@ -143,6 +143,14 @@ impl Notifier {
         }
     }
 
+    /// When the next `WATCHDOG=1` is due (half of `WATCHDOG_USEC` after the last one), so the
+    /// loop can sleep until then instead of polling; `None` when the watchdog is off for us.
+    pub fn next_watchdog_due(&self) -> Option<Instant> {
+        let channel = self.channel.as_ref()?;
+        let period = channel.ping_period?;
+        Some(channel.last_ping.map_or_else(Instant::now, |last| last + period))
+    }
+
     /// How often the main loop must iterate for the pings to keep systemd content: a quarter of
     /// `WATCHDOG_USEC`, or `None` when the watchdog is off for us. Pings go out at half of
     /// `WATCHDOG_USEC`; an iteration that comes just before a ping is due (woken by some event)

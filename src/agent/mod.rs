@@ -161,6 +161,9 @@ struct LinkHealth {
     last_ok: Option<Instant>,
     /// No request before this instant (backoff).
     retry_at: Option<Instant>,
+    /// When the last failure was seen (so STATUS can say "retrying in 20s" without a
+    /// counter that changes every second).
+    failed_at: Option<Instant>,
 }
 
 /// The front report keeps being refused for its content (see
@@ -599,6 +602,7 @@ impl<L: Link> Agent<L> {
                 self.link.failures = self.link.failures.saturating_add(1);
                 self.link.down_since.get_or_insert(now);
                 self.link.retry_at = Some(now + retry_in);
+                self.link.failed_at = Some(now);
                 let down_for = self.link.down_since.map_or(Duration::ZERO, |d| d.elapsed());
                 match &error {
                     DashboardError::Unauthorized { .. } => tracing::error!(
@@ -1242,6 +1246,7 @@ impl<L: Link> Agent<L> {
             }
         };
         self.link.retry_at = Some(now + delay);
+        self.link.failed_at = Some(now);
         self.link.last_error = Some(error);
     }
 
@@ -1491,11 +1496,11 @@ impl<L: Link> Agent<L> {
         }
         match (&self.link.down_since, &self.link.last_error) {
             (Some(since), Some(error)) => {
-                let retry = self
-                    .link
-                    .retry_at
-                    .map(|at| at.saturating_duration_since(Instant::now()))
-                    .unwrap_or_default();
+                let (retry_in, retry_at) = match (self.link.retry_at, self.link.failed_at) {
+                    (Some(at), Some(failed)) => (at.saturating_duration_since(failed), at),
+                    (Some(at), None) => (Duration::ZERO, at),
+                    _ => (Duration::ZERO, Instant::now()),
+                };
                 let what = if error.is_unreachable() || matches!(error, DashboardError::ServerError)
                 {
                     "dashboard unreachable"
@@ -1513,10 +1518,11 @@ impl<L: Link> Agent<L> {
                 };
                 // Coarse ages: the line changes when something happens, not every second.
                 parts.push(format!(
-                    "{what} for {} ({}), retrying at {}",
+                    "{what} for {} ({}), retrying in {} (at {})",
                     coarse_duration(since.elapsed()),
                     ShortReason(error),
-                    clock_time(Instant::now() + retry)
+                    short_duration(retry_in),
+                    clock_time(retry_at)
                 ));
             }
             _ => match (self.link.last_ok, self.link.connected_since) {

@@ -368,7 +368,7 @@ fn notify_path_socket_ready_after_lock_status_follows_state_watchdog_and_stoppin
     // Pings at half of WATCHDOG_USEC while idle.
     assert_pings(&listener, Duration::from_secs(2), 3);
     listener
-        .wait_status(ready.at, T, &["idle", "last heartbeat", "ago"])
+        .wait_status(ready.at, T, &["idle", "last heartbeat at"])
         .unwrap_or_else(|| panic!("no idle status\n{}", listener.describe()));
 
     // Dashboard down: said in STATUS, and the loop (and the pings) keep going.

@@ -42,7 +42,9 @@ impl<'a> Payload<'a> {
     }
 
     fn get(&self, key: &str) -> Option<&'a Value> {
-        self.obj.and_then(|o| field(o, key)).filter(|v| !v.is_null())
+        self.obj
+            .and_then(|o| field(o, key))
+            .filter(|v| !v.is_null())
     }
 
     /// A Go `string` field: absent or `null` → `""`.
@@ -126,7 +128,10 @@ pub(crate) fn update_status(v: &Value) -> Result<Value, DecodeError> {
         for f in ["status", "message", "checked_at"] {
             m.insert(
                 f.to_owned(),
-                Value::String(cp.string(f).map_err(|e| format!("update_status.{key}.{e}"))?),
+                Value::String(
+                    cp.string(f)
+                        .map_err(|e| format!("update_status.{key}.{e}"))?,
+                ),
             );
         }
         out.insert(key.to_owned(), Value::Object(m));
@@ -187,14 +192,20 @@ mod tests {
     #[test]
     fn metrics_accept_integral_numbers_and_nulls() {
         let m = metrics(&json!({"cpu": 12, "ram": 41.5, "swap": null, "load": 0.37})).unwrap();
-        assert_eq!(m, json!({"cpu": 12.0, "ram": 41.5, "swap": 0.0, "load": 0.37}));
+        assert_eq!(
+            m,
+            json!({"cpu": 12.0, "ram": 41.5, "swap": 0.0, "load": 0.37})
+        );
         assert!(metrics(&json!({"load": "0.3"})).is_err());
     }
 
     #[test]
     fn update_status_normalises_missing_checks() {
         let u = update_status(&json!({"lock": {"status": "ok"}, "git": null})).unwrap();
-        assert_eq!(u["lock"], json!({"status": "ok", "message": "", "checked_at": ""}));
+        assert_eq!(
+            u["lock"],
+            json!({"status": "ok", "message": "", "checked_at": ""})
+        );
         assert_eq!(u["git"]["status"], "");
         assert!(update_status(&json!({"lock": {"status": 1}})).is_err());
     }

@@ -74,9 +74,15 @@ impl Impostor {
         let task_seen = seen.clone();
         rt.spawn(async move {
             if let Err(e) = connect(addr, ca_der, request, register, rx, &task_seen).await {
-                task_seen.lock().unwrap_or_else(PoisonError::into_inner).error = Some(e);
+                task_seen
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .error = Some(e);
             }
-            task_seen.lock().unwrap_or_else(PoisonError::into_inner).ended = true;
+            task_seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .ended = true;
         });
         // Block until the fake has processed our register (or we failed).
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -212,13 +218,18 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         .await
         .map_err(|e| format!("write: {e}"))?;
     let mut status = String::new();
-    rd.read_line(&mut status).await.map_err(|e| format!("read: {e}"))?;
+    rd.read_line(&mut status)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
     if !status.starts_with("HTTP/1.1 101") {
         return Err(format!("handshake refused: {}", status.trim()));
     }
     loop {
         let mut line = String::new();
-        let n = rd.read_line(&mut line).await.map_err(|e| format!("read: {e}"))?;
+        let n = rd
+            .read_line(&mut line)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
         if n == 0 || line == "\r\n" {
             break;
         }
@@ -251,8 +262,12 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         if !readable {
             return Ok(());
         }
-        let Ok(Some(h)) = wire::read_header(&mut rd).await else { return Ok(()) };
-        let Ok(payload) = wire::read_payload(&mut rd, &h).await else { return Ok(()) };
+        let Ok(Some(h)) = wire::read_header(&mut rd).await else {
+            return Ok(());
+        };
+        let Ok(payload) = wire::read_payload(&mut rd, &h).await else {
+            return Ok(());
+        };
         match h.opcode {
             wire::OP_PING => {
                 let _ = wr.write_all(&send(wire::OP_PONG, &payload)).await;
@@ -261,7 +276,9 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 let (code, _) = wire::parse_close(&payload);
                 seen.lock().unwrap_or_else(PoisonError::into_inner).close = Some(code);
                 if !closing {
-                    let _ = wr.write_all(&send(wire::OP_CLOSE, &wire::close_payload(code, ""))).await;
+                    let _ = wr
+                        .write_all(&send(wire::OP_CLOSE, &wire::close_payload(code, "")))
+                        .await;
                 }
                 let _ = wr.shutdown().await;
                 return Ok(());

@@ -206,7 +206,8 @@ pub struct Frame {
     pub ignored: Option<String>,
     /// Hostname the connection had registered as when the frame passed.
     pub host: Option<String>,
-    /// When it was read or written.
+    /// When it was read, or (outbound) just before it was written, so anything the peer
+    /// has received is already in the log.
     #[serde(skip)]
     pub at: Instant,
 }
@@ -414,10 +415,10 @@ impl FakeV2 {
     /// sent untracked (like upstream's legacy merge-and-deploy path), so tests can provoke
     /// `command_rejected`. No pre-checks: see [`FakeV2::dispatch`].
     pub fn send_command(&self, host: &str, name: &str) -> Result<(), SendError> {
-        let payload = serde_json::json!({"type": "command", "payload": {"command": name}});
+        let bytes = state::envelope("command", &serde_json::json!({"command": name}));
         let track = self.shared.lock().opts.lifecycle;
         self.shared
-            .send_command(host, name, payload.to_string().into_bytes(), track)
+            .send_command(host, name, bytes.into_bytes(), track)
     }
 
     /// The op engine's `ExecuteOp` (`POST /api/dispatch` without `force`): §7.2 pre-checks
@@ -432,10 +433,13 @@ impl FakeV2 {
     /// Pushes `kill_command` `{signal, pid}` (never sent by the real dashboard, which the
     /// agent handles anyway). Silently does nothing without a connection.
     pub fn send_kill_command(&self, host: &str, signal: &str, pid: i64) {
-        let payload = serde_json::json!({"type": "kill_command", "payload": {"signal": signal, "pid": pid}});
+        let bytes = state::envelope(
+            "kill_command",
+            &serde_json::json!({"signal": signal, "pid": pid}),
+        );
         let _ = self
             .shared
-            .send_command(host, "", payload.to_string().into_bytes(), false);
+            .send_command(host, "", bytes.into_bytes(), false);
     }
 
     /// Writes `bytes` as one text (or binary) message to the host's current connection, for
@@ -452,7 +456,11 @@ impl FakeV2 {
     /// Inbound messages whose envelope type is `msg_type`, in order.
     pub fn messages(&self, msg_type: &str) -> Vec<Frame> {
         let st = self.shared.lock();
-        st.frames.iter().filter(|f| f.is_in(msg_type)).cloned().collect()
+        st.frames
+            .iter()
+            .filter(|f| f.is_in(msg_type))
+            .cloned()
+            .collect()
     }
 
     /// Polls `pred` over the frame log every 10 ms until it holds (true) or `timeout` passes.
@@ -472,14 +480,18 @@ impl FakeV2 {
     /// Waits until at least `n` inbound messages of `msg_type` were recorded, or `timeout`
     /// passes; returns those recorded by then (check the length).
     pub fn wait_messages(&self, msg_type: &str, n: usize, timeout: Duration) -> Vec<Frame> {
-        self.wait_for(timeout, |fs| fs.iter().filter(|f| f.is_in(msg_type)).count() >= n);
+        self.wait_for(timeout, |fs| {
+            fs.iter().filter(|f| f.is_in(msg_type)).count() >= n
+        });
         self.messages(msg_type)
     }
 
     /// True when no inbound message of `msg_type` arrives during `window` (counting from now).
     pub fn none_within(&self, msg_type: &str, window: Duration) -> bool {
         let before = self.messages(msg_type).len();
-        !self.wait_for(window, |fs| fs.iter().filter(|f| f.is_in(msg_type)).count() > before)
+        !self.wait_for(window, |fs| {
+            fs.iter().filter(|f| f.is_in(msg_type)).count() > before
+        })
     }
 
     /// Polls `pred` over the fake's view (hosts, commands, connections) like `wait_for`.

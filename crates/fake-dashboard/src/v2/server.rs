@@ -10,7 +10,6 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -22,7 +21,9 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader};
+use tokio::io::{
+    AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
@@ -61,13 +62,19 @@ impl Shared {
     }
 
     fn set_listening(&self, on: bool) {
-        *self.listening.lock().unwrap_or_else(PoisonError::into_inner) = on;
+        *self
+            .listening
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = on;
         self.listening_changed.notify_all();
     }
 
     /// Blocks until the listener state is `on`, or `timeout` passes.
     pub(crate) fn wait_listening(&self, on: bool, timeout: Duration) -> bool {
-        let guard = self.listening.lock().unwrap_or_else(PoisonError::into_inner);
+        let guard = self
+            .listening
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let (guard, _) = self
             .listening_changed
             .wait_timeout_while(guard, timeout, |l| *l != on)
@@ -75,7 +82,13 @@ impl Shared {
         *guard == on
     }
 
-    pub(crate) fn send_command(&self, host: &str, name: &str, bytes: Vec<u8>, track: bool) -> Result<(), SendError> {
+    pub(crate) fn send_command(
+        &self,
+        host: &str,
+        name: &str,
+        bytes: Vec<u8>,
+        track: bool,
+    ) -> Result<(), SendError> {
         let mut st = self.lock();
         let delay = st.behaviour.delay_commands;
         st.send_command(host, name, bytes, track, delay)
@@ -122,39 +135,51 @@ pub(crate) fn spawn(
         .enable_all()
         .build()?;
     let handle = rt.handle().clone();
-    let thread = std::thread::Builder::new().name("fake-v2".into()).spawn(move || {
-        let ticker_shared = shared.clone();
-        let mut ticker_shutdown = shutdown.clone();
-        rt.spawn(async move {
-            // The lifecycle's timers also advance on every query; this covers idle periods.
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => {
-                        ticker_shared.lock().tick(Instant::now(), SystemTime::now());
+    let thread = std::thread::Builder::new()
+        .name("fake-v2".into())
+        .spawn(move || {
+            let ticker_shared = shared.clone();
+            let mut ticker_shutdown = shutdown.clone();
+            rt.spawn(async move {
+                // The lifecycle's timers also advance on every query; this covers idle periods.
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                            ticker_shared.lock().tick(Instant::now(), SystemTime::now());
+                        }
+                        _ = ticker_shutdown.changed() => return,
                     }
-                    _ = ticker_shutdown.changed() => return,
                 }
+            });
+            let accept_shared = shared.clone();
+            rt.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => accept_loop(accept_shared, listener, tls, shutdown).await,
+                    Err(e) => eprintln!("fake-dashboard v2: cannot register listener: {e}"),
+                }
+            });
+            rt.shutdown_timeout(Duration::from_millis(500));
+            // Tasks were dropped with their sockets: record the ends.
+            let mut st = shared.lock();
+            let open: Vec<u64> = st
+                .conn_infos()
+                .iter()
+                .filter(|c| c.open)
+                .map(|c| c.id)
+                .collect();
+            for id in open {
+                st.conn_closed(id, EndReason::Stopped, Instant::now(), SystemTime::now());
             }
-        });
-        let accept_shared = shared.clone();
-        rt.block_on(async move {
-            match TcpListener::from_std(listener) {
-                Ok(listener) => accept_loop(accept_shared, listener, tls, shutdown).await,
-                Err(e) => eprintln!("fake-dashboard v2: cannot register listener: {e}"),
-            }
-        });
-        rt.shutdown_timeout(Duration::from_millis(500));
-        // Tasks were dropped with their sockets: record the ends.
-        let mut st = shared.lock();
-        let open: Vec<u64> = st.conn_infos().iter().filter(|c| c.open).map(|c| c.id).collect();
-        for id in open {
-            st.conn_closed(id, EndReason::Stopped, Instant::now(), SystemTime::now());
-        }
-    })?;
+        })?;
     Ok((thread, handle))
 }
 
-async fn accept_loop(shared: Arc<Shared>, first: TcpListener, tls: Option<TlsAcceptor>, mut shutdown: watch::Receiver<bool>) {
+async fn accept_loop(
+    shared: Arc<Shared>,
+    first: TcpListener,
+    tls: Option<TlsAcceptor>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let addr = first
         .local_addr()
         .unwrap_or(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)));
@@ -168,7 +193,12 @@ async fn accept_loop(shared: Arc<Shared>, first: TcpListener, tls: Option<TlsAcc
         if down && listener.is_some() {
             listener = None;
             let mut st = shared.lock();
-            let open: Vec<u64> = st.conn_infos().iter().filter(|c| c.open).map(|c| c.id).collect();
+            let open: Vec<u64> = st
+                .conn_infos()
+                .iter()
+                .filter(|c| c.open)
+                .map(|c| c.id)
+                .collect();
             for id in open {
                 st.end_conn(id, DropHow::Abrupt, EndReason::Down);
             }
@@ -203,11 +233,18 @@ async fn accept_loop(shared: Arc<Shared>, first: TcpListener, tls: Option<TlsAcc
     }
 }
 
-async fn connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>) {
+async fn connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+) {
     let _ = stream.set_nodelay(true);
     match tls {
         Some(acceptor) => {
-            if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+            if let Ok(Ok(stream)) =
+                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
+            {
                 serve_http(shared, peer, TokioIo::new(stream)).await;
             }
         }
@@ -223,7 +260,10 @@ where
         let shared = shared.clone();
         async move { Ok::<_, Infallible>(handle(shared, peer, req)) }
     });
-    let _ = http1::Builder::new().serve_connection(io, svc).with_upgrades().await;
+    let _ = http1::Builder::new()
+        .serve_connection(io, svc)
+        .with_upgrades()
+        .await;
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -234,12 +274,24 @@ fn refuse(status: StatusCode, body: &str) -> Resp {
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     if !body.is_empty() {
-        h.insert("content-type", HeaderValue::from_static("text/plain; charset=utf-8"));
+        h.insert(
+            "content-type",
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
     }
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
-    h.insert("x-xss-protection", HeaderValue::from_static("1; mode=block"));
-    h.insert("referrer-policy", HeaderValue::from_static("strict-origin-when-cross-origin"));
+    h.insert(
+        "x-xss-protection",
+        HeaderValue::from_static("1; mode=block"),
+    );
+    h.insert(
+        "referrer-policy",
+        HeaderValue::from_static("strict-origin-when-cross-origin"),
+    );
     resp
 }
 
@@ -262,16 +314,25 @@ fn handle(shared: Arc<Shared>, peer: SocketAddr, mut req: Request<Incoming>) -> 
     let headers: Vec<(String, String)> = req
         .headers()
         .iter()
-        .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     let (opts_token, origins, behaviour) = {
         let st = shared.lock();
-        (st.opts.token.clone(), st.opts.allowed_origins.clone(), st.behaviour.clone())
+        (
+            st.opts.token.clone(),
+            st.opts.allowed_origins.clone(),
+            st.behaviour.clone(),
+        )
     };
     let decision = decide(&req, &opts_token, &origins, &behaviour);
     let mut conn = None;
     let resp = match decision {
-        Err(resp) => resp,
+        Err(resp) => *resp,
         Ok(accept) => {
             let (data_tx, data_rx) = mpsc::channel(shared.lock().opts.queue_cap.max(1));
             let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
@@ -287,10 +348,14 @@ fn handle(shared: Arc<Shared>, peer: SocketAddr, mut req: Request<Incoming>) -> 
             let shared = shared.clone();
             tokio::spawn(async move {
                 let end = match upgrade.await {
-                    Ok(upgraded) => run_ws(&shared, id, TokioIo::new(upgraded), data_rx, ctl_rx, ctl_tx).await,
+                    Ok(upgraded) => {
+                        run_ws(&shared, id, TokioIo::new(upgraded), data_rx, ctl_rx, ctl_tx).await
+                    }
                     Err(_) => EndReason::ReadFailed,
                 };
-                shared.lock().conn_closed(id, end, Instant::now(), SystemTime::now());
+                shared
+                    .lock()
+                    .conn_closed(id, end, Instant::now(), SystemTime::now());
             });
             let mut resp = Response::new(Full::new(Bytes::new()));
             *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -318,18 +383,27 @@ fn handle(shared: Arc<Shared>, peer: SocketAddr, mut req: Request<Incoming>) -> 
 }
 
 /// §2.3's checks in order; `Ok` carries the `Sec-WebSocket-Accept` value.
-fn decide(req: &Request<Incoming>, token: &str, origins: &[String], b: &Behaviour) -> Result<String, Resp> {
+fn decide(
+    req: &Request<Incoming>,
+    token: &str,
+    origins: &[String],
+    b: &Behaviour,
+) -> Result<String, Box<Resp>> {
     let path = req.uri().path();
     if path != "/ws" {
         if path == "/" && b.redirect_root {
             let mut resp = refuse(StatusCode::FOUND, "");
-            resp.headers_mut().insert("location", HeaderValue::from_static("/login"));
-            return Err(resp);
+            resp.headers_mut()
+                .insert("location", HeaderValue::from_static("/login"));
+            return Err(Box::new(resp));
         }
-        return Err(refuse(StatusCode::NOT_FOUND, "404 page not found\n"));
+        return Err(Box::new(refuse(
+            StatusCode::NOT_FOUND,
+            "404 page not found\n",
+        )));
     }
     if req.method() != Method::GET {
-        return Err(refuse(StatusCode::METHOD_NOT_ALLOWED, ""));
+        return Err(Box::new(refuse(StatusCode::METHOD_NOT_ALLOWED, "")));
     }
     let h = req.headers();
     // A header without the exact `Bearer ` prefix is a browser, which needs a session cookie
@@ -338,20 +412,22 @@ fn decide(req: &Request<Incoming>, token: &str, origins: &[String], b: &Behaviou
         .and_then(|v| v.strip_prefix("Bearer "))
         .is_some_and(|t| !b.reject_all_tokens && constant_time_eq(t.as_bytes(), token.as_bytes()));
     if !authorized {
-        return Err(refuse(StatusCode::UNAUTHORIZED, "Unauthorized\n"));
+        return Err(Box::new(refuse(StatusCode::UNAUTHORIZED, "Unauthorized\n")));
     }
     if !has_token(h, "connection", "upgrade") || !has_token(h, "upgrade", "websocket") {
-        return Err(refuse(StatusCode::BAD_REQUEST, "Bad Request\n"));
+        return Err(Box::new(refuse(StatusCode::BAD_REQUEST, "Bad Request\n")));
     }
     if header(h, "sec-websocket-version") != Some("13") {
         let mut resp = refuse(StatusCode::BAD_REQUEST, "Bad Request\n");
-        resp.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
-        return Err(resp);
+        resp.headers_mut()
+            .insert("sec-websocket-version", HeaderValue::from_static("13"));
+        return Err(Box::new(resp));
     }
     if !origin_allowed(header(h, "origin"), header(h, "host"), origins) {
         let mut resp = refuse(StatusCode::FORBIDDEN, "Forbidden\n");
-        resp.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
-        return Err(resp);
+        resp.headers_mut()
+            .insert("sec-websocket-version", HeaderValue::from_static("13"));
+        return Err(Box::new(resp));
     }
     let key = header(h, "sec-websocket-key").map(str::trim).unwrap_or("");
     let key_ok = {
@@ -361,7 +437,7 @@ fn decide(req: &Request<Incoming>, token: &str, origins: &[String], b: &Behaviou
             .is_ok_and(|k| k.len() == 16)
     };
     if !key_ok {
-        return Err(refuse(StatusCode::BAD_REQUEST, "Bad Request\n"));
+        return Err(Box::new(refuse(StatusCode::BAD_REQUEST, "Bad Request\n")));
     }
     Ok(tungstenite::handshake::derive_accept_key(key.as_bytes()))
 }
@@ -384,7 +460,9 @@ fn host_only(hostport: &str) -> &str {
 /// §2.4's Origin rule.
 pub(crate) fn origin_allowed(origin: Option<&str>, host: Option<&str>, allowed: &[String]) -> bool {
     let Some(origin) = origin else { return true };
-    let Some((scheme, rest)) = origin.split_once("://") else { return false };
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false;
+    };
     if scheme.is_empty() || rest.contains(char::is_whitespace) {
         return false;
     }
@@ -422,11 +500,22 @@ where
         }
     };
     let (rd, wr) = tokio::io::split(io);
-    let close_sent = AtomicBool::new(false);
-    tokio::select! {
-        end = reader(shared, conn, BufReader::new(rd), &opts, &ctl_tx, &close_sent) => end,
-        end = writer(shared, conn, wr, &opts, data_rx, ctl_rx, &close_sent) => end,
-    }
+    // Set when the fake has sent its close frame: then that close's reason is the end,
+    // whatever the peer does next.
+    let closing: Mutex<Option<EndReason>> = Mutex::new(None);
+    let end = tokio::select! {
+        end = reader(shared, conn, BufReader::new(rd), &opts, &ctl_tx, &closing) => end,
+        end = writer(shared, conn, wr, &opts, data_rx, ctl_rx, &closing) => end,
+    };
+    let decided = *closing.lock().unwrap_or_else(PoisonError::into_inner);
+    decided.unwrap_or(end)
+}
+
+fn is_closing(closing: &Mutex<Option<EndReason>>) -> bool {
+    closing
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .is_some()
 }
 
 struct Timers {
@@ -436,7 +525,15 @@ struct Timers {
     max_message: usize,
 }
 
-fn log(shared: &Shared, conn: u64, dir: Direction, kind: FrameKind, bytes: Vec<u8>, fragments: usize, close_code: Option<u16>) -> usize {
+fn log(
+    shared: &Shared,
+    conn: u64,
+    dir: Direction,
+    kind: FrameKind,
+    bytes: Vec<u8>,
+    fragments: usize,
+    close_code: Option<u16>,
+) -> usize {
     let raw_len = bytes.len();
     shared.lock().log(NewFrame {
         conn,
@@ -456,7 +553,7 @@ async fn reader<R: AsyncRead + Unpin>(
     mut rd: BufReader<R>,
     t: &Timers,
     ctl: &mpsc::UnboundedSender<Ctl>,
-    close_sent: &AtomicBool,
+    closing: &Mutex<Option<EndReason>>,
 ) -> EndReason {
     let mut beh_rx = shared.behaviour.subscribe();
     let mut last = tokio::time::Instant::now();
@@ -488,7 +585,15 @@ async fn reader<R: AsyncRead + Unpin>(
         };
         let bad = h.rsv != 0
             || h.mask.is_none()
-            || !matches!(h.opcode, wire::OP_CONT | wire::OP_TEXT | wire::OP_BINARY | wire::OP_CLOSE | wire::OP_PING | wire::OP_PONG)
+            || !matches!(
+                h.opcode,
+                wire::OP_CONT
+                    | wire::OP_TEXT
+                    | wire::OP_BINARY
+                    | wire::OP_CLOSE
+                    | wire::OP_PING
+                    | wire::OP_PONG
+            )
             || (h.is_control() && (!h.fin || h.len > 125))
             || (h.opcode == wire::OP_CONT && partial.is_none())
             || (matches!(h.opcode, wire::OP_TEXT | wire::OP_BINARY) && partial.is_some());
@@ -502,7 +607,8 @@ async fn reader<R: AsyncRead + Unpin>(
                 return refuse_and_drain(ctl, rd, 1009, EndReason::Oversize).await;
             }
         }
-        let payload = match tokio::time::timeout_at(deadline, wire::read_payload(&mut rd, &h)).await {
+        let payload = match tokio::time::timeout_at(deadline, wire::read_payload(&mut rd, &h)).await
+        {
             Err(_) => return EndReason::ReadDeadline,
             Ok(Err(_)) => return EndReason::ReadFailed,
             Ok(Ok(p)) => p,
@@ -510,19 +616,43 @@ async fn reader<R: AsyncRead + Unpin>(
         last = tokio::time::Instant::now();
         match h.opcode {
             wire::OP_PING => {
-                log(shared, conn, Direction::In, FrameKind::Ping, payload.clone(), 1, None);
+                log(
+                    shared,
+                    conn,
+                    Direction::In,
+                    FrameKind::Ping,
+                    payload.clone(),
+                    1,
+                    None,
+                );
                 if !beh_rx.borrow().withhold_pongs {
                     let _ = ctl.send(Ctl::Pong(payload));
                 }
             }
             wire::OP_PONG => {
-                log(shared, conn, Direction::In, FrameKind::Pong, payload, 1, None);
+                log(
+                    shared,
+                    conn,
+                    Direction::In,
+                    FrameKind::Pong,
+                    payload,
+                    1,
+                    None,
+                );
             }
             wire::OP_CLOSE => {
                 let (code, reason) = wire::parse_close(&payload);
-                log(shared, conn, Direction::In, FrameKind::Close, payload, 1, code);
+                log(
+                    shared,
+                    conn,
+                    Direction::In,
+                    FrameKind::Close,
+                    payload,
+                    1,
+                    code,
+                );
                 shared.lock().note_close_received(conn, code, &reason);
-                if close_sent.load(Ordering::SeqCst) {
+                if is_closing(closing) {
                     return EndReason::PeerClosed;
                 }
                 // gorilla's default close handler echoes the code without the reason.
@@ -541,7 +671,11 @@ async fn reader<R: AsyncRead + Unpin>(
                     partial = Some((opcode, buf, frags + 1));
                     continue;
                 }
-                let kind = if opcode == wire::OP_BINARY { FrameKind::Binary } else { FrameKind::Text };
+                let kind = if opcode == wire::OP_BINARY {
+                    FrameKind::Binary
+                } else {
+                    FrameKind::Text
+                };
                 let (now, wall) = (Instant::now(), SystemTime::now());
                 let mut st = shared.lock();
                 let raw_len = buf.len();
@@ -562,7 +696,12 @@ async fn reader<R: AsyncRead + Unpin>(
 
 /// Sends a close frame with `code` and then reads and discards whatever the peer still sends
 /// (so our close frame is not lost to a TCP reset) until it closes or the grace passes.
-async fn refuse_and_drain<R: AsyncRead + Unpin>(ctl: &mpsc::UnboundedSender<Ctl>, rd: BufReader<R>, code: u16, end: EndReason) -> EndReason {
+async fn refuse_and_drain<R: AsyncRead + Unpin>(
+    ctl: &mpsc::UnboundedSender<Ctl>,
+    rd: BufReader<R>,
+    code: u16,
+    end: EndReason,
+) -> EndReason {
     let _ = ctl.send(Ctl::Close {
         code: Some(code),
         reason: String::new(),
@@ -572,7 +711,11 @@ async fn refuse_and_drain<R: AsyncRead + Unpin>(ctl: &mpsc::UnboundedSender<Ctl>
     drain(rd, CLOSE_GRACE, end).await
 }
 
-async fn drain<R: AsyncRead + Unpin>(mut rd: BufReader<R>, grace: Duration, end: EndReason) -> EndReason {
+async fn drain<R: AsyncRead + Unpin>(
+    mut rd: BufReader<R>,
+    grace: Duration,
+    end: EndReason,
+) -> EndReason {
     let mut sink = vec![0u8; 64 * 1024];
     let _ = tokio::time::timeout(grace, async {
         while let Ok(n) = rd.read(&mut sink).await {
@@ -593,7 +736,7 @@ async fn writer<W: AsyncWrite + Unpin>(
     t: &Timers,
     mut data_rx: mpsc::Receiver<Outgoing>,
     mut ctl_rx: mpsc::UnboundedReceiver<Ctl>,
-    close_sent: &AtomicBool,
+    closing_reason: &Mutex<Option<EndReason>>,
 ) -> EndReason {
     let start = tokio::time::Instant::now();
     let mut ping = tokio::time::interval_at(start + t.ping_interval, t.ping_interval);
@@ -612,21 +755,27 @@ async fn writer<W: AsyncWrite + Unpin>(
                 None => return EndReason::Stopped,
                 Some(Ctl::Abort(end)) => return end,
                 Some(Ctl::Pong(p)) => {
-                    if let Err(end) = write(&mut wr, t, &wire::encode(wire::OP_PONG, true, &p)).await {
+                    let bytes = wire::encode(wire::OP_PONG, true, &p);
+                    log(shared, conn, Direction::Out, FrameKind::Pong, p, 1, None);
+                    if let Err(end) = write(&mut wr, t, &bytes).await {
                         return end;
                     }
-                    log(shared, conn, Direction::Out, FrameKind::Pong, p, 1, None);
                 }
                 Some(Ctl::Close { code, reason, end, grace }) => {
-                    if close_sent.swap(true, Ordering::SeqCst) {
-                        continue;
+                    {
+                        let mut decided = closing_reason.lock().unwrap_or_else(PoisonError::into_inner);
+                        if decided.is_some() {
+                            continue;
+                        }
+                        *decided = Some(end);
                     }
                     let payload = wire::close_payload(code, &reason);
-                    if let Err(e) = write(&mut wr, t, &wire::encode(wire::OP_CLOSE, true, &payload)).await {
-                        return e;
-                    }
+                    let bytes = wire::encode(wire::OP_CLOSE, true, &payload);
                     log(shared, conn, Direction::Out, FrameKind::Close, payload, 1, code);
                     shared.lock().note_close_sent(conn, code);
+                    if let Err(e) = write(&mut wr, t, &bytes).await {
+                        return e;
+                    }
                     if grace.is_zero() {
                         let _ = wr.shutdown().await;
                         return end;
@@ -645,10 +794,10 @@ async fn writer<W: AsyncWrite + Unpin>(
                 }
             }
             _ = ping.tick(), if closing.is_none() => {
+                log(shared, conn, Direction::Out, FrameKind::Ping, Vec::new(), 1, None);
                 if let Err(end) = write(&mut wr, t, &wire::encode(wire::OP_PING, true, &[])).await {
                     return end;
                 }
-                log(shared, conn, Direction::Out, FrameKind::Ping, Vec::new(), 1, None);
             }
             out = data_rx.recv(), if closing.is_none() && held.is_none() => match out {
                 None => return EndReason::Stopped,
@@ -665,15 +814,34 @@ async fn writer<W: AsyncWrite + Unpin>(
     }
 }
 
-async fn write_data<W: AsyncWrite + Unpin>(shared: &Shared, conn: u64, wr: &mut W, t: &Timers, out: Outgoing) -> Result<(), EndReason> {
-    let opcode = if out.binary { wire::OP_BINARY } else { wire::OP_TEXT };
-    write(wr, t, &wire::encode(opcode, true, &out.bytes)).await?;
-    let kind = if out.binary { FrameKind::Binary } else { FrameKind::Text };
+async fn write_data<W: AsyncWrite + Unpin>(
+    shared: &Shared,
+    conn: u64,
+    wr: &mut W,
+    t: &Timers,
+    out: Outgoing,
+) -> Result<(), EndReason> {
+    let opcode = if out.binary {
+        wire::OP_BINARY
+    } else {
+        wire::OP_TEXT
+    };
+    let bytes = wire::encode(opcode, true, &out.bytes);
+    let kind = if out.binary {
+        FrameKind::Binary
+    } else {
+        FrameKind::Text
+    };
+    // Logged first: whatever the peer has seen is already in the log.
     log(shared, conn, Direction::Out, kind, out.bytes, 1, None);
-    Ok(())
+    write(wr, t, &bytes).await
 }
 
-async fn write<W: AsyncWrite + Unpin>(wr: &mut W, t: &Timers, bytes: &[u8]) -> Result<(), EndReason> {
+async fn write<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    t: &Timers,
+    bytes: &[u8],
+) -> Result<(), EndReason> {
     match tokio::time::timeout(t.write_deadline, async {
         wr.write_all(bytes).await?;
         wr.flush().await
@@ -694,13 +862,41 @@ mod tests {
     fn origin_rule_follows_section_2_4() {
         let none: &[String] = &[];
         assert!(origin_allowed(None, Some("example.org"), none));
-        assert!(!origin_allowed(Some("not a url"), Some("example.org"), none));
-        assert!(origin_allowed(Some("https://ops.example.org"), Some("x"), &[" https://ops.example.org ".into()]));
-        assert!(origin_allowed(Some("http://localhost:3000"), Some("127.0.0.1:8000"), none));
-        assert!(origin_allowed(Some("http://[::1]:1"), Some("localhost"), none));
-        assert!(!origin_allowed(Some("https://evil.example"), Some("127.0.0.1:8000"), none));
-        assert!(origin_allowed(Some("https://fleet.example.org"), Some("fleet.example.org"), none));
-        assert!(!origin_allowed(Some("http://fleet.example.org"), Some("fleet.example.org"), none));
+        assert!(!origin_allowed(
+            Some("not a url"),
+            Some("example.org"),
+            none
+        ));
+        assert!(origin_allowed(
+            Some("https://ops.example.org"),
+            Some("x"),
+            &[" https://ops.example.org ".into()]
+        ));
+        assert!(origin_allowed(
+            Some("http://localhost:3000"),
+            Some("127.0.0.1:8000"),
+            none
+        ));
+        assert!(origin_allowed(
+            Some("http://[::1]:1"),
+            Some("localhost"),
+            none
+        ));
+        assert!(!origin_allowed(
+            Some("https://evil.example"),
+            Some("127.0.0.1:8000"),
+            none
+        ));
+        assert!(origin_allowed(
+            Some("https://fleet.example.org"),
+            Some("fleet.example.org"),
+            none
+        ));
+        assert!(!origin_allowed(
+            Some("http://fleet.example.org"),
+            Some("fleet.example.org"),
+            none
+        ));
     }
 
     #[test]

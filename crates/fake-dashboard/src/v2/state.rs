@@ -14,7 +14,9 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::decode::{self, Payload};
-use super::{Behaviour, ConnInfo, Direction, DropHow, EndReason, Frame, FrameKind, Handshake, V2Options};
+use super::{
+    Behaviour, ConnInfo, Direction, DropHow, EndReason, Frame, FrameKind, Handshake, V2Options,
+};
 
 /// How long a connection waits for the peer's close echo after the fake sent a close frame.
 pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -195,11 +197,17 @@ impl HostState {
 
     /// The agent's Lock check (without a `version.json` the dashboard uses it as is).
     fn lock_ok(&self) -> bool {
-        self.update_status.as_ref().and_then(|u| u["lock"]["status"].as_str()) == Some("ok")
+        self.update_status
+            .as_ref()
+            .and_then(|u| u["lock"]["status"].as_str())
+            == Some("ok")
     }
 
     fn system_ok(&self) -> bool {
-        self.system_status.as_ref().and_then(|s| s["status"].as_str()) == Some("ok")
+        self.system_status
+            .as_ref()
+            .and_then(|s| s["status"].as_str())
+            == Some("ok")
     }
 }
 
@@ -273,6 +281,14 @@ pub struct TrackedCommand {
     hard_at: Instant,
     #[serde(skip)]
     reconnect_by: Option<Instant>,
+}
+
+/// `{"type":…,"payload":…}` with `type` first, as Go's encoder writes the struct.
+pub(crate) fn envelope(msg_type: &str, payload: &Value) -> String {
+    format!(
+        r#"{{"type":{},"payload":{payload}}}"#,
+        Value::from(msg_type)
+    )
 }
 
 /// §7.2's timer table.
@@ -417,9 +433,17 @@ impl State {
     }
 
     /// Teardown of a connection: §5.3 offline and §7.6.5, only for the *current* one.
-    pub(crate) fn conn_closed(&mut self, conn: u64, end: EndReason, now: Instant, wall: SystemTime) {
+    pub(crate) fn conn_closed(
+        &mut self,
+        conn: u64,
+        end: EndReason,
+        now: Instant,
+        wall: SystemTime,
+    ) {
         self.tick(now, wall);
-        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
         if !c.info.open {
             return;
         }
@@ -427,7 +451,9 @@ impl State {
         c.info.end = Some(end);
         c.info.closed_at = Some(now);
         c.ctl = None;
-        let Some(host) = c.info.hostname.clone() else { return };
+        let Some(host) = c.info.hostname.clone() else {
+            return;
+        };
         if self.current.get(&host) != Some(&conn) {
             return;
         }
@@ -450,7 +476,10 @@ impl State {
 
     /// Appends a frame, decoding data messages for the log; returns its index.
     pub(crate) fn log(&mut self, f: NewFrame) -> usize {
-        let host = self.conns.get(&f.conn).and_then(|c| c.info.hostname.clone());
+        let host = self
+            .conns
+            .get(&f.conn)
+            .and_then(|c| c.info.hostname.clone());
         let (mut msg_type, mut payload, mut ignored) = (None, None, None);
         if matches!(f.kind, FrameKind::Text | FrameKind::Binary) {
             match serde_json::from_slice::<Value>(&f.bytes) {
@@ -468,7 +497,9 @@ impl State {
             }
         }
         let text = match f.kind {
-            FrameKind::Close if f.bytes.len() >= 2 => String::from_utf8_lossy(&f.bytes[2..]).into_owned(),
+            FrameKind::Close if f.bytes.len() >= 2 => {
+                String::from_utf8_lossy(&f.bytes[2..]).into_owned()
+            }
             FrameKind::Close => String::new(),
             _ => String::from_utf8_lossy(&f.bytes).into_owned(),
         };
@@ -504,7 +535,8 @@ impl State {
         if frame.ignored.is_some() {
             return;
         }
-        let (Some(msg_type), Some(payload)) = (frame.msg_type.clone(), frame.payload.clone()) else {
+        let (Some(msg_type), Some(payload)) = (frame.msg_type.clone(), frame.payload.clone())
+        else {
             return;
         };
         let result = match msg_type.as_str() {
@@ -519,7 +551,9 @@ impl State {
                 p.string("command")?;
                 p.bool("is_error").map(|_| ())
             }),
-            "operation_progress" => Payload::new(&payload).and_then(|p| p.object("progress").map(|_| ())),
+            "operation_progress" => {
+                Payload::new(&payload).and_then(|p| p.object("progress").map(|_| ()))
+            }
             "test_progress" => Payload::new(&payload).and_then(|p| {
                 for k in ["current", "total", "passed"] {
                     p.int(k)?;
@@ -532,6 +566,10 @@ impl State {
         };
         if let Err(e) = result {
             self.frames[idx].ignored = Some(e);
+        }
+        // A register names the connection: show it on its own log entry too.
+        if self.frames[idx].host.is_none() {
+            self.frames[idx].host = self.conns.get(&conn).and_then(|c| c.info.hostname.clone());
         }
     }
 
@@ -580,12 +618,25 @@ impl State {
         h.nixpkgs_version = nixpkgs_version;
         h.generation = generation;
         h.theme_color = if theme_color.is_empty() {
-            if h.host_type == "macos" { "#bb9af7" } else { "#7aa2f7" }.into()
+            if h.host_type == "macos" {
+                "#bb9af7"
+            } else {
+                "#7aa2f7"
+            }
+            .into()
         } else {
             theme_color
         };
-        h.location = if location.is_empty() { "home".into() } else { location };
-        h.device_type = if device_type.is_empty() { "desktop".into() } else { device_type };
+        h.location = if location.is_empty() {
+            "home".into()
+        } else {
+            location
+        };
+        h.device_type = if device_type.is_empty() {
+            "desktop".into()
+        } else {
+            device_type
+        };
         h.repo_url = repo_url;
         h.repo_dir = repo_dir;
         h.last_seen = wall;
@@ -599,14 +650,14 @@ impl State {
             h.binary_hash = Some(binary_hash);
         }
 
-        let reply = json!({"type": "registered", "payload": {"host_id": hostname}});
+        let reply = envelope("registered", &json!({"host_id": hostname}));
         let behaviour = &self.behaviour;
         if !behaviour.withhold_registered
             && let Some(ctl) = self.ctl(conn)
         {
             // A full queue drops `registered` silently, as upstream.
             let _ = ctl.data.try_send(Outgoing {
-                bytes: reply.to_string().into_bytes(),
+                bytes: reply.into_bytes(),
                 binary: false,
                 delay: behaviour.delay_registered,
             });
@@ -656,11 +707,13 @@ impl State {
         if let Some(u) = &update_status {
             let system = &u["system"];
             if !system["status"].as_str().unwrap_or("").is_empty() {
-                h.system_status = Some(json!({"status": system["status"], "message": system["message"]}));
+                h.system_status =
+                    Some(json!({"status": system["status"], "message": system["message"]}));
             }
             let tests = &u["tests"];
             if !tests["status"].as_str().unwrap_or("").is_empty() {
-                h.tests_status = Some(json!({"status": tests["status"], "message": tests["message"]}));
+                h.tests_status =
+                    Some(json!({"status": tests["status"], "message": tests["message"]}));
             }
             h.update_status = update_status;
         }
@@ -677,19 +730,30 @@ impl State {
             let op = t.op.clone();
             let h = &self.hosts[&host];
             let failed = match op.as_str() {
-                "pull" | "bump-flake" if !h.lock_ok() => Some(("lock_outdated", "Lock is not ok after the op")),
-                "rollback" if !h.system_ok() => Some(("system_not_ok", "System is not ok after rollback")),
-                "restart" | "reboot" if !h.online => Some(("offline", "host is not online")),
-                "force-rebuild" if h.agent_version != self.opts.dashboard_version => {
-                    Some(("agent_outdated", "agent version does not match the dashboard"))
+                "pull" | "bump-flake" if !h.lock_ok() => {
+                    Some(("lock_outdated", "Lock is not ok after the op"))
                 }
+                "rollback" if !h.system_ok() => {
+                    Some(("system_not_ok", "System is not ok after rollback"))
+                }
+                "restart" | "reboot" if !h.online => Some(("offline", "host is not online")),
+                "force-rebuild" if h.agent_version != self.opts.dashboard_version => Some((
+                    "agent_outdated",
+                    "agent version does not match the dashboard",
+                )),
                 "stop" if h.pending_command.as_deref().is_some_and(|c| !c.is_empty()) => {
                     Some(("still_running", "host is still running a command"))
                 }
                 _ => None,
             };
             match failed {
-                Some((code, msg)) => self.finish(&host, CommandStatus::Partial, Some(code), Some(msg.into()), wall),
+                Some((code, msg)) => self.finish(
+                    &host,
+                    CommandStatus::Partial,
+                    Some(code),
+                    Some(msg.into()),
+                    wall,
+                ),
                 None => self.finish(&host, CommandStatus::Success, None, None, wall),
             }
         }
@@ -715,27 +779,44 @@ impl State {
                 h.system_status = Some(if ok {
                     json!({"status": "ok", "message": format!("Last {command} succeeded")})
                 } else {
-                    let m = if message.is_empty() { format!("Last {command} failed") } else { message.clone() };
+                    let m = if message.is_empty() {
+                        format!("Last {command} failed")
+                    } else {
+                        message.clone()
+                    };
                     json!({"status": "error", "message": m})
                 });
                 if ok {
                     h.tests_status = Some(json!({"status": "outdated", "message": ""}));
                 }
             } else if command == "test" {
-                h.tests_status = Some(json!({"status": if ok { "ok" } else { "error" }, "message": message}));
+                h.tests_status =
+                    Some(json!({"status": if ok { "ok" } else { "error" }, "message": message}));
             }
         }
 
-        let Some(t) = self.tracked.get_mut(&host) else { return Ok(()) };
+        let Some(t) = self.tracked.get_mut(&host) else {
+            return Ok(());
+        };
         if t.op != command
-            || !matches!(t.status, CommandStatus::Executing | CommandStatus::RunningWarning | CommandStatus::TimeoutPending | CommandStatus::Killing)
+            || !matches!(
+                t.status,
+                CommandStatus::Executing
+                    | CommandStatus::RunningWarning
+                    | CommandStatus::TimeoutPending
+                    | CommandStatus::Killing
+            )
             || t.awaiting_heartbeat
         {
             return Ok(());
         }
         t.exit_code = Some(exit_code);
         if exit_code != 0 {
-            let m = if message.is_empty() { None } else { Some(message) };
+            let m = if message.is_empty() {
+                None
+            } else {
+                Some(message)
+            };
             self.finish(&host, CommandStatus::Error, Some("failed"), m, wall);
         } else if is_switch(&t.op) {
             t.status = CommandStatus::AwaitingReconnect;
@@ -756,7 +837,13 @@ impl State {
         p.int("current_pid")?;
         let host = self.conn_host(conn);
         if self.tracked.contains_key(&host) {
-            self.finish(&host, CommandStatus::Error, Some("rejected"), Some(format!("Agent rejected command: {reason}")), wall);
+            self.finish(
+                &host,
+                CommandStatus::Error,
+                Some("rejected"),
+                Some(format!("Agent rejected command: {reason}")),
+                wall,
+            );
         }
         Ok(())
     }
@@ -764,8 +851,17 @@ impl State {
     // ---- the lifecycle -----------------------------------------------------------------
 
     /// Ends the host's tracked command in a final state and forgets it.
-    fn finish(&mut self, host: &str, status: CommandStatus, code: Option<&str>, message: Option<String>, wall: SystemTime) {
-        let Some(mut t) = self.tracked.remove(host) else { return };
+    fn finish(
+        &mut self,
+        host: &str,
+        status: CommandStatus,
+        code: Option<&str>,
+        message: Option<String>,
+        wall: SystemTime,
+    ) {
+        let Some(mut t) = self.tracked.remove(host) else {
+            return;
+        };
         t.status = status;
         t.awaiting_heartbeat = false;
         t.finished_at = Some(wall);
@@ -786,12 +882,12 @@ impl State {
         let mut timed_out = Vec::new();
         for (host, t) in &mut self.tracked {
             match t.status {
-                CommandStatus::AwaitingReconnect => {
-                    if t.reconnect_by.is_some_and(|by| now >= by) {
-                        timed_out.push(host.clone());
-                    }
+                CommandStatus::AwaitingReconnect if t.reconnect_by.is_some_and(|by| now >= by) => {
+                    timed_out.push(host.clone());
                 }
-                CommandStatus::Executing | CommandStatus::RunningWarning if !t.awaiting_heartbeat => {
+                CommandStatus::Executing | CommandStatus::RunningWarning
+                    if !t.awaiting_heartbeat =>
+                {
                     if now >= t.hard_at {
                         t.status = CommandStatus::TimeoutPending;
                     } else if now >= t.warn_at {
@@ -802,11 +898,23 @@ impl State {
             }
         }
         for host in timed_out {
-            self.finish(&host, CommandStatus::Timeout, Some("reconnect_timeout"), Some("Agent did not reconnect in time".into()), wall);
+            self.finish(
+                &host,
+                CommandStatus::Timeout,
+                Some("reconnect_timeout"),
+                Some("Agent did not reconnect in time".into()),
+                wall,
+            );
         }
     }
 
-    fn new_tracked(&mut self, host: &str, op: &str, now: Instant, wall: SystemTime) -> TrackedCommand {
+    fn new_tracked(
+        &mut self,
+        host: &str,
+        op: &str,
+        now: Instant,
+        wall: SystemTime,
+    ) -> TrackedCommand {
         let (warn, hard) = match self.opts.op_timeouts {
             Some(t) => (t.warning, t.hard),
             None => op_timeouts(op),
@@ -831,11 +939,21 @@ impl State {
     }
 
     /// Queues a data message on the host's current connection.
-    pub(crate) fn enqueue(&self, host: &str, bytes: Vec<u8>, binary: bool, delay: Option<Duration>) -> Result<(), SendError> {
+    pub(crate) fn enqueue(
+        &self,
+        host: &str,
+        bytes: Vec<u8>,
+        binary: bool,
+        delay: Option<Duration>,
+    ) -> Result<(), SendError> {
         let conn = self.current_conn(host).ok_or(SendError::NotConnected)?;
         let ctl = self.ctl(conn).ok_or(SendError::NotConnected)?;
         ctl.data
-            .try_send(Outgoing { bytes, binary, delay })
+            .try_send(Outgoing {
+                bytes,
+                binary,
+                delay,
+            })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => SendError::QueueFull,
                 mpsc::error::TrySendError::Closed(_) => SendError::NotConnected,
@@ -843,7 +961,14 @@ impl State {
     }
 
     /// `send_command`: send, and track when asked and nothing is tracked.
-    pub(crate) fn send_command(&mut self, host: &str, name: &str, bytes: Vec<u8>, track: bool, delay: Option<Duration>) -> Result<(), SendError> {
+    pub(crate) fn send_command(
+        &mut self,
+        host: &str,
+        name: &str,
+        bytes: Vec<u8>,
+        track: bool,
+        delay: Option<Duration>,
+    ) -> Result<(), SendError> {
         let (now, wall) = (Instant::now(), SystemTime::now());
         self.tick(now, wall);
         let track = track && !self.tracked.contains_key(host);
@@ -862,12 +987,23 @@ impl State {
                 h.pending_command = Some(op.to_owned());
             }
         } else {
-            self.finish(host, CommandStatus::Error, Some("send_failed"), Some("Failed to send command to agent".into()), wall);
+            self.finish(
+                host,
+                CommandStatus::Error,
+                Some("send_failed"),
+                Some("Failed to send command to agent".into()),
+                wall,
+            );
         }
     }
 
     /// `ExecuteOp` without `force`.
-    pub(crate) fn dispatch(&mut self, host: &str, op: &str, delay: Option<Duration>) -> Result<(), Blocked> {
+    pub(crate) fn dispatch(
+        &mut self,
+        host: &str,
+        op: &str,
+        delay: Option<Duration>,
+    ) -> Result<(), Blocked> {
         let (now, wall) = (Instant::now(), SystemTime::now());
         self.tick(now, wall);
         if self.tracked.contains_key(host) {
@@ -875,7 +1011,9 @@ impl State {
         }
         let h = self.hosts.get(host);
         let online = h.is_some_and(|h| h.online);
-        let pending = h.and_then(|h| h.pending_command.clone()).filter(|p| !p.is_empty());
+        let pending = h
+            .and_then(|h| h.pending_command.clone())
+            .filter(|p| !p.is_empty());
         if op != "stop" && !online {
             return Err(blocked("offline", "Host is offline"));
         }
@@ -885,14 +1023,19 @@ impl State {
         if op == "stop" && pending.is_none() {
             return Err(blocked("no_pending", "No command is running"));
         }
-        let bytes = json!({"type": "command", "payload": {"command": op}}).to_string().into_bytes();
+        let bytes = envelope("command", &json!({"command": op})).into_bytes();
         let sent = self.enqueue(host, bytes, false, delay);
         self.start_tracking(host, op, sent.is_ok(), now, wall);
         sent.map_err(|_| blocked("send_failed", "Failed to send command to agent"))
     }
 
     /// `POST /api/hosts/{id}/timeout-action`.
-    pub(crate) fn timeout_action(&mut self, host: &str, action: &str, delay: Option<Duration>) -> bool {
+    pub(crate) fn timeout_action(
+        &mut self,
+        host: &str,
+        action: &str,
+        delay: Option<Duration>,
+    ) -> bool {
         let (now, wall) = (Instant::now(), SystemTime::now());
         self.tick(now, wall);
         let Some(op) = self.tracked.get(host).map(|t| t.op.clone()) else {
@@ -901,7 +1044,10 @@ impl State {
         match action {
             "wait" => {
                 let hard = self.opts.op_timeouts.map_or(op_timeouts(&op).1, |t| t.hard);
-                let warn = self.opts.op_timeouts.map_or(op_timeouts(&op).0, |t| t.warning);
+                let warn = self
+                    .opts
+                    .op_timeouts
+                    .map_or(op_timeouts(&op).0, |t| t.warning);
                 if let Some(t) = self.tracked.get_mut(host) {
                     t.status = CommandStatus::Executing;
                     t.warn_at = now + warn;
@@ -914,7 +1060,7 @@ impl State {
                 true
             }
             "kill" => {
-                let bytes = json!({"type": "command", "payload": {"command": "kill"}}).to_string().into_bytes();
+                let bytes = envelope("command", &json!({"command": "kill"})).into_bytes();
                 let _ = self.enqueue(host, bytes, false, delay);
                 if let Some(t) = self.tracked.get_mut(host) {
                     t.status = CommandStatus::Killing;

@@ -73,7 +73,10 @@ pub(crate) async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<O
 
 /// Reads and unmasks the payload of `h`. The caller has already checked `h.len` against its
 /// limit, so the allocation is bounded.
-pub(crate) async fn read_payload<R: AsyncRead + Unpin>(r: &mut R, h: &Header) -> io::Result<Vec<u8>> {
+pub(crate) async fn read_payload<R: AsyncRead + Unpin>(
+    r: &mut R,
+    h: &Header,
+) -> io::Result<Vec<u8>> {
     let len = usize::try_from(h.len).map_err(|_| io::Error::other("frame length overflows"))?;
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).await?;
@@ -137,7 +140,10 @@ pub(crate) fn parse_close(payload: &[u8]) -> (Option<u16>, String) {
         return (None, String::new());
     }
     let code = u16::from_be_bytes([payload[0], payload[1]]);
-    (Some(code), String::from_utf8_lossy(&payload[2..]).into_owned())
+    (
+        Some(code),
+        String::from_utf8_lossy(&payload[2..]).into_owned(),
+    )
 }
 
 #[cfg(test)]
@@ -157,7 +163,10 @@ mod tests {
         for len in [0usize, 1, 125, 126, 65_535, 65_536, 300_000] {
             let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
             let (h, p) = roundtrip(encode_masked(OP_TEXT, true, &payload, [1, 2, 3, 4])).await;
-            assert_eq!((h.fin, h.opcode, h.len, h.rsv), (true, OP_TEXT, len as u64, 0));
+            assert_eq!(
+                (h.fin, h.opcode, h.len, h.rsv),
+                (true, OP_TEXT, len as u64, 0)
+            );
             assert_eq!(h.mask, Some([1, 2, 3, 4]));
             assert_eq!(p, payload, "len {len}");
         }
@@ -166,7 +175,10 @@ mod tests {
     #[tokio::test]
     async fn unmasked_server_frames_decode_without_a_mask() {
         let (h, p) = roundtrip(encode(OP_PING, true, b"hi")).await;
-        assert_eq!((h.opcode, h.mask, p.as_slice()), (OP_PING, None, &b"hi"[..]));
+        assert_eq!(
+            (h.opcode, h.mask, p.as_slice()),
+            (OP_PING, None, &b"hi"[..])
+        );
         assert!(h.is_control());
         let (h, _) = roundtrip(encode(OP_CONT, false, b"x")).await;
         assert!(!h.fin && !h.is_control());
@@ -184,7 +196,10 @@ mod tests {
     fn close_payloads() {
         assert!(close_payload(None, "ignored").is_empty());
         assert_eq!(close_payload(Some(1009), ""), vec![0x03, 0xF1]);
-        assert_eq!(parse_close(&close_payload(Some(1000), "shutdown")), (Some(1000), "shutdown".into()));
+        assert_eq!(
+            parse_close(&close_payload(Some(1000), "shutdown")),
+            (Some(1000), "shutdown".into())
+        );
         assert_eq!(parse_close(&[]), (None, String::new()));
     }
 }

@@ -1071,3 +1071,214 @@ impl State {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Peer {
+        id: u64,
+        data: mpsc::Receiver<Outgoing>,
+        ctl: mpsc::UnboundedReceiver<Ctl>,
+    }
+
+    fn state(f: impl FnOnce(&mut V2Options)) -> State {
+        let mut opts = V2Options::default();
+        f(&mut opts);
+        State::new(opts)
+    }
+
+    fn connect(st: &mut State, cap: usize) -> Peer {
+        let (data_tx, data) = mpsc::channel(cap);
+        let (ctl_tx, ctl) = mpsc::unbounded_channel();
+        let id = st.open_conn(
+            "127.0.0.1:1".parse().unwrap(),
+            ConnCtl {
+                data: data_tx,
+                ctl: ctl_tx,
+            },
+        );
+        Peer { id, data, ctl }
+    }
+
+    fn feed(st: &mut State, conn: u64, msg: Value, now: Instant) -> Option<String> {
+        let bytes = msg.to_string().into_bytes();
+        let idx = st.log(NewFrame {
+            conn,
+            dir: Direction::In,
+            kind: FrameKind::Text,
+            raw_len: bytes.len(),
+            bytes,
+            fragments: 1,
+            close_code: None,
+        });
+        st.process(conn, idx, now, SystemTime::now());
+        st.frames[idx].ignored.clone()
+    }
+
+    fn register(host: &str) -> Value {
+        json!({"type": "register", "payload": {"hostname": host, "host_type": "macos"}})
+    }
+
+    fn status(command: &str, exit_code: i64) -> Value {
+        json!({"type": "status", "payload": {"status": "ok", "command": command, "exit_code": exit_code}})
+    }
+
+    #[test]
+    fn register_displaces_the_previous_connection_with_an_empty_close() {
+        let mut st = state(|_| {});
+        let now = Instant::now();
+        let mut a = connect(&mut st, 4);
+        let mut b = connect(&mut st, 4);
+        assert_eq!(feed(&mut st, a.id, register("mac1"), now), None);
+        assert!(
+            a.data
+                .try_recv()
+                .unwrap()
+                .bytes
+                .starts_with(br#"{"type":"registered""#)
+        );
+        assert_eq!(st.hosts["mac1"].theme_color, "#bb9af7");
+        feed(&mut st, b.id, register("mac1"), now);
+        match a.ctl.try_recv().unwrap() {
+            Ctl::Close { code, end, .. } => assert_eq!((code, end), (None, EndReason::Displaced)),
+            other => panic!("{other:?}"),
+        }
+        assert!(b.ctl.try_recv().is_err());
+        assert_eq!(st.current_conn("mac1"), Some(b.id));
+        // The displaced connection's end leaves the host online.
+        st.conn_closed(a.id, EndReason::Displaced, now, SystemTime::now());
+        assert!(st.hosts["mac1"].online);
+        st.conn_closed(b.id, EndReason::ReadFailed, now, SystemTime::now());
+        assert!(!st.hosts["mac1"].online);
+    }
+
+    #[test]
+    fn a_full_queue_drops_registered_silently_and_fails_commands() {
+        let mut st = state(|_| {});
+        let a = connect(&mut st, 1);
+        let now = Instant::now();
+        feed(&mut st, a.id, register("h"), now);
+        feed(&mut st, a.id, register("h"), now);
+        assert_eq!(
+            st.hosts["h"].registers, 2,
+            "second register processed, its reply dropped"
+        );
+        let cmd = envelope("command", &json!({"command": "pull"})).into_bytes();
+        assert_eq!(
+            st.send_command("h", "pull", cmd, false, None),
+            Err(SendError::QueueFull)
+        );
+        drop(a);
+    }
+
+    #[test]
+    fn messages_before_register_match_no_host() {
+        let mut st = state(|_| {});
+        let a = connect(&mut st, 4);
+        let err = feed(
+            &mut st,
+            a.id,
+            json!({"type": "heartbeat", "payload": {}}),
+            Instant::now(),
+        );
+        assert!(err.unwrap().contains("no host row"));
+        assert!(st.hosts.is_empty());
+    }
+
+    #[test]
+    fn switch_lifecycle_timers_are_driven_by_the_given_clock() {
+        let mut st = state(|o| o.lifecycle = true);
+        let a = connect(&mut st, 8);
+        let t0 = Instant::now();
+        feed(&mut st, a.id, register("h"), t0);
+        let cmd = envelope("command", &json!({"command": "switch"})).into_bytes();
+        st.send_command("h", "switch", cmd, true, None).unwrap();
+        st.tick(t0 + Duration::from_secs(9 * 60), SystemTime::now());
+        assert_eq!(st.tracked["h"].status, CommandStatus::Executing);
+        st.tick(t0 + Duration::from_secs(11 * 60), SystemTime::now());
+        assert_eq!(st.tracked["h"].status, CommandStatus::RunningWarning);
+        // §7.6.5 does not apply once warned: a disconnect leaves it running.
+        st.conn_closed(
+            a.id,
+            EndReason::ReadFailed,
+            t0 + Duration::from_secs(11 * 60),
+            SystemTime::now(),
+        );
+        assert_eq!(st.tracked["h"].status, CommandStatus::RunningWarning);
+        st.tick(t0 + Duration::from_secs(31 * 60), SystemTime::now());
+        assert_eq!(st.tracked["h"].status, CommandStatus::TimeoutPending);
+        assert_eq!(
+            st.dispatch("h", "pull", None).unwrap_err().code,
+            "command_pending"
+        );
+    }
+
+    #[test]
+    fn a_successful_switch_times_out_without_register_after_the_window() {
+        let mut st = state(|o| o.reconnect_window = Duration::from_secs(90));
+        let a = connect(&mut st, 8);
+        let t0 = Instant::now();
+        feed(&mut st, a.id, register("h"), t0);
+        st.dispatch("h", "switch", None).unwrap();
+        feed(&mut st, a.id, status("switch", 0), t0);
+        assert_eq!(st.tracked["h"].status, CommandStatus::AwaitingReconnect);
+        // A later status for the same switch is ignored by the lifecycle.
+        feed(&mut st, a.id, status("switch", 1), t0);
+        assert_eq!(st.tracked["h"].status, CommandStatus::AwaitingReconnect);
+        st.tick(Instant::now() + Duration::from_secs(89), SystemTime::now());
+        assert_eq!(st.tracked["h"].status, CommandStatus::AwaitingReconnect);
+        st.tick(Instant::now() + Duration::from_secs(91), SystemTime::now());
+        assert!(!st.tracked.contains_key("h"));
+        let last = st.history["h"].last().unwrap();
+        assert_eq!(
+            (last.status, last.code.as_deref()),
+            (CommandStatus::Timeout, Some("reconnect_timeout"))
+        );
+        assert_eq!(st.hosts["h"].pending_command, None);
+    }
+
+    #[test]
+    fn a_tracked_stop_ends_partial_at_best() {
+        let mut st = state(|_| {});
+        let a = connect(&mut st, 8);
+        let now = Instant::now();
+        feed(&mut st, a.id, register("h"), now);
+        st.hosts.get_mut("h").unwrap().pending_command = Some("test".into());
+        st.dispatch("h", "stop", None).unwrap();
+        assert_eq!(st.hosts["h"].pending_command.as_deref(), Some("stop"));
+        feed(&mut st, a.id, status("stop", 0), now);
+        feed(
+            &mut st,
+            a.id,
+            json!({"type": "heartbeat", "payload": {}}),
+            now,
+        );
+        let last = st.history["h"].last().unwrap();
+        assert_eq!(
+            (last.status, last.code.as_deref()),
+            (CommandStatus::Partial, Some("still_running"))
+        );
+    }
+
+    #[test]
+    fn restart_succeeds_on_the_heartbeat_after_its_status() {
+        let mut st = state(|_| {});
+        let a = connect(&mut st, 8);
+        let now = Instant::now();
+        feed(&mut st, a.id, register("h"), now);
+        st.dispatch("h", "restart", None).unwrap();
+        feed(&mut st, a.id, status("restart", 0), now);
+        assert!(st.tracked["h"].awaiting_heartbeat);
+        feed(
+            &mut st,
+            a.id,
+            json!({"type": "heartbeat", "payload": {}}),
+            now,
+        );
+        assert_eq!(
+            st.history["h"].last().unwrap().status,
+            CommandStatus::Success
+        );
+    }
+}

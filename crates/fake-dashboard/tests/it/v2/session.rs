@@ -425,3 +425,32 @@ async fn stop_drops_connections_and_keeps_the_record() {
     assert_eq!(fake.connections()[0].end, Some(EndReason::Stopped));
     assert_eq!(fake.messages("register").len(), 1);
 }
+
+#[tokio::test]
+async fn stop_reading_holds_inbound_frames_until_cleared() {
+    let fake = fake(|o| o.read_deadline = Duration::from_millis(200));
+    let mut ws = agent(&fake, "web1").await;
+    fake.set_behaviour(|b| b.stop_reading = true);
+    send(&mut ws, heartbeat_msg("ok")).await;
+    // Longer than the read deadline: suspended while not reading.
+    assert!(fake.none_within("heartbeat", Duration::from_millis(400)));
+    assert!(fake.host("web1").unwrap().online);
+    fake.set_behaviour(|b| b.stop_reading = false);
+    assert_eq!(fake.wait_messages("heartbeat", 1, WAIT).len(), 1);
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_reading_is_dropped_at_the_write_deadline() {
+    let fake = fake(|o| o.write_deadline = Duration::from_millis(300));
+    let ws = agent(&fake, "web1").await;
+    // The client never reads again: 64 MiB cannot fit in the loopback socket buffers.
+    let chunk = vec![b'x'; 1024 * 1024];
+    for _ in 0..64 {
+        fake.send_raw("web1", &chunk, true);
+    }
+    assert!(fake.wait_until(Duration::from_secs(20), |f| !f.connections()[0].open));
+    let c = &fake.connections()[0];
+    assert_eq!((c.end, c.close_sent), (Some(EndReason::WriteTimeout), None));
+    assert!(!fake.host("web1").unwrap().online);
+    drop(ws);
+}

@@ -14,6 +14,7 @@
 //!
 //! Code map: `validate` (body models), `state` (rows and rules), `server` (main port, modes),
 //! `body` (response bytes), `tls` (certificates), `control` (HTTP control API for the binary).
+//! `v2` is the v2 (WebSocket) fake, with its own code map.
 
 #![warn(missing_docs)]
 
@@ -23,6 +24,7 @@ mod server;
 mod state;
 mod timefmt;
 mod tls;
+pub mod v2;
 pub mod validate;
 
 use std::fmt;

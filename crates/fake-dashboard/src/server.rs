@@ -200,7 +200,10 @@ async fn accept_loop(
 
 /// Binds `addr` (the first listener's) again, retrying while something else briefly holds it.
 /// `None` means shutdown was requested meanwhile.
-async fn rebind(addr: SocketAddr, shutdown: &mut watch::Receiver<bool>) -> Option<TcpListener> {
+pub(crate) async fn rebind(
+    addr: SocketAddr,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<TcpListener> {
     let mut attempt = 0u32;
     loop {
         let socket = if addr.is_ipv4() {

@@ -20,6 +20,8 @@ use sha2::{Digest, Sha256};
 pub struct TlsMaterial {
     /// PEM of the CA that signed the server certificate.
     pub ca_pem: String,
+    /// DER of the same CA (the v2 impostor client trusts it).
+    pub ca_der: Vec<u8>,
     /// base64(sha256(DER SubjectPublicKeyInfo)) of the server certificate.
     pub spki_sha256_base64: String,
     /// Ready-to-use rustls server configuration.
@@ -74,6 +76,7 @@ pub fn generate() -> Result<TlsMaterial, Box<dyn std::error::Error + Send + Sync
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsMaterial {
         ca_pem: ca_cert.pem(),
+        ca_der: ca_cert.der().to_vec(),
         spki_sha256_base64,
         config: Arc::new(config),
     })

@@ -8,6 +8,7 @@
 //! * `tls`      – https with the generated CA, SPKI pin matches the served certificate.
 //! * `runtimes` – usable from plain tests and both tokio flavours; `wait_for`.
 //! * `binary`   – the standalone binary: first line, control API, JSON log lines, SIGTERM.
+//! * `v2`       – the v2 (WebSocket) fake through a real tokio-tungstenite client.
 
 mod binary;
 mod checks;
@@ -16,3 +17,4 @@ mod modes;
 mod runtimes;
 mod tls;
 mod util;
+mod v2;

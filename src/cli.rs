@@ -8,11 +8,11 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::LinkParts;
 use crate::agent::outbox::Outbox;
 use crate::agent::{Agent, Credentials, Startup};
-use crate::config::{FlagValues, MachineFacts, RawConfig, Settings};
-use crate::agent::LinkParts;
 use crate::config::Protocol;
+use crate::config::{FlagValues, MachineFacts, RawConfig, Settings};
 use crate::dashboard::LinkEvent;
 use crate::dashboard::v1::V1Client;
 use crate::dashboard::v2::V2Link;
@@ -221,7 +221,7 @@ fn run(flags: &Flags) -> u8 {
             settings.url
         );
     }
-    if settings.interval.as_secs() < 2 {
+    if settings.interval.as_secs() < 2 && settings.protocol == Protocol::V1 {
         tracing::warn!(
             "interval 1s exceeds the v1 dashboard's limit of 30 registers per minute per IP; \
              expect HTTP 500 answers"

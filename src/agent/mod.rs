@@ -580,9 +580,9 @@ impl<L: Link> Agent<L> {
     ) {
         let token = self.creds.current.expose().to_string();
         let link = self.link_handle.clone();
-        self.in_flight = Some(Box::pin(async move {
-            wrap(link.send(&token, &message).await)
-        }));
+        self.in_flight = Some(Box::pin(
+            async move { wrap(link.send(&token, &message).await) },
+        ));
     }
 
     fn on_link_event(&mut self, event: LinkEvent) {
@@ -629,7 +629,10 @@ impl<L: Link> Agent<L> {
         } else {
             ("systemctl", &["reboot"])
         };
-        tracing::warn!("rebooting the host as the dashboard asked: {program} {}", args.join(" "));
+        tracing::warn!(
+            "rebooting the host as the dashboard asked: {program} {}",
+            args.join(" ")
+        );
         let cmd = crate::exec::Cmd::new(program, "/", Duration::from_secs(60), "reboot")
             .args(args.iter().copied());
         match self.runner.run(cmd, &CancellationToken::new()).await {

@@ -261,7 +261,10 @@ pub enum Outgoing {
     /// Only sent when [`LinkTraits::streams_output`].
     Output(OutputLine),
     /// A command refused because `current` runs ([`Correlation::ByName`] only).
-    Rejected { command: String, current: String },
+    Rejected {
+        command: String,
+        current: String,
+    },
 }
 
 /// What the wire tells the loop without being asked (v2's pushed messages and connection

@@ -28,8 +28,8 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest as _};
 
 use super::{
-    Correlation, DashboardError, Heartbeat, Link, LinkEvent, LinkTraits, Outcome, Outgoing,
-    Reply, Report, StatusReport,
+    Correlation, DashboardError, Heartbeat, Link, LinkEvent, LinkTraits, Outcome, Outgoing, Reply,
+    Report, StatusReport,
 };
 use crate::agent::backoff;
 use crate::config::{Secret, Settings};
@@ -176,10 +176,7 @@ impl Link for V2Link {
                     },
                 ),
                 // The agent's own notices are not results of a command: show them as output.
-                None => (
-                    output_message("", &notice_line(status)),
-                    Sent::Other,
-                ),
+                None => (output_message("", &notice_line(status)), Sent::Other),
             },
             Outgoing::Report(Report::TestProgress(p)) => (
                 envelope(
@@ -349,7 +346,9 @@ enum End {
     Closed,
     Failed(DashboardError),
     /// Closed for a newer connection with the same hostname.
-    Replaced { soon_after_register: bool },
+    Replaced {
+        soon_after_register: bool,
+    },
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -788,7 +787,9 @@ fn ws_error(error: tungstenite::Error) -> DashboardError {
             match status {
                 401 => DashboardError::Unauthorized {
                     status,
-                    detail: format!("{detail}; check NIXFLEET_TOKEN_FILE (the dashboard's NIXFLEET_AGENT_TOKEN)"),
+                    detail: format!(
+                        "{detail}; check NIXFLEET_TOKEN_FILE (the dashboard's NIXFLEET_AGENT_TOKEN)"
+                    ),
                 },
                 301 | 302 | 303 | 307 | 308 | 404 => DashboardError::Http {
                     status,

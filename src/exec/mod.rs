@@ -28,9 +28,9 @@
 //! decides these things. Mechanics that depend on the platform live in `unix.rs`.
 
 mod capture;
-mod tap;
 mod env;
 mod escaped;
+mod tap;
 #[cfg(test)]
 mod tests;
 #[cfg(unix)]

@@ -72,7 +72,9 @@ pub fn flake_lock_hash(dir: &Path) -> Option<String> {
     use std::io::Read as _;
     let file = std::fs::File::open(dir.join("flake.lock")).ok()?;
     let mut bytes = Vec::new();
-    file.take(4 * 1024 * 1024 + 1).read_to_end(&mut bytes).ok()?;
+    file.take(4 * 1024 * 1024 + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
     if bytes.len() > 4 * 1024 * 1024 {
         return None;
     }

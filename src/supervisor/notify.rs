@@ -148,7 +148,11 @@ impl Notifier {
     pub fn next_watchdog_due(&self) -> Option<Instant> {
         let channel = self.channel.as_ref()?;
         let period = channel.ping_period?;
-        Some(channel.last_ping.map_or_else(Instant::now, |last| last + period))
+        Some(
+            channel
+                .last_ping
+                .map_or_else(Instant::now, |last| last + period),
+        )
     }
 
     /// How often the main loop must iterate for the pings to keep systemd content: a quarter of

@@ -24,6 +24,10 @@
 //!   the instance lock (refusal 75, release after kill -9, verified takeover, unrelated holders
 //!   never signalled), exit 73 without a directory, timestamped logs outside journald, SIGTERM
 //!   at the first notification is a clean stop.
+//! - `v2`: the same agent against the fake v2 (WebSocket) dashboard: bearer token, keepalive
+//!   and redial, two agents with one hostname, every v2 command answered by name, busy
+//!   refusals and stop, restart/reboot, a bounded output flood, results kept across outages and
+//!   kill -9, the re-register that completes a switch, wss:// with a CA file.
 
 #![allow(
     clippy::disallowed_methods,
@@ -38,3 +42,4 @@ mod rows;
 mod supervisor;
 mod support;
 mod tokens;
+mod v2;

@@ -1,0 +1,437 @@
+//! The real agent against the fake v2 (WebSocket) dashboard: one test per promise of the v2
+//! link (issue 9): choosing the protocol, connection life (auth, keepalive, dead peers,
+//! reconnect), duplicates across hosts, every command the v2 dashboard sends, live output with
+//! bounds, and nothing lost across outages, kills and switches.
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use fake_dashboard::v2::{DropHow, FakeV2, Frame, V2Options};
+
+use crate::support::{HOST, Harness, Repos, wait_until, write_executable};
+
+const T: Duration = Duration::from_secs(20);
+const TOKEN: &str = "shared-agent-token";
+
+/// A harness whose agent speaks v2 to a fresh fake.
+fn v2_harness(options: V2Options) -> (Harness, FakeV2) {
+    let mut h = Harness::new();
+    let dash = FakeV2::start(options);
+    fs::write(&h.token_file, format!("{TOKEN}\n")).unwrap();
+    h.set("NIXFLEET_URL", dash.url());
+    h.set("NIXFLEET_HTTP_TIMEOUT", "2s");
+    (h, dash)
+}
+
+fn statuses(dash: &FakeV2) -> Vec<Frame> {
+    dash.messages("status")
+}
+
+/// Waits for a `status` for `command` and returns it.
+fn wait_result(dash: &FakeV2, command: &str) -> Frame {
+    let found = dash.wait_for(T, |frames| {
+        frames
+            .iter()
+            .any(|f| f.is_in("status") && f.str_field("command") == Some(command))
+    });
+    assert!(found, "no status for {command}: {:#?}", statuses(dash));
+    statuses(dash)
+        .into_iter()
+        .find(|f| f.str_field("command") == Some(command))
+        .unwrap()
+}
+
+fn exit_code(frame: &Frame) -> i64 {
+    frame.payload.as_ref().unwrap()["exit_code"]
+        .as_i64()
+        .unwrap()
+}
+
+fn message(frame: &Frame) -> String {
+    frame
+        .str_field("message")
+        .map(str::to_string)
+        .unwrap_or_default()
+}
+
+fn registered(dash: &FakeV2) -> bool {
+    !dash.wait_messages("heartbeat", 1, T).is_empty()
+}
+
+#[test]
+fn v2_url_registers_with_the_bearer_token_and_heartbeats() {
+    let (mut h, dash) = v2_harness(V2Options::default());
+    let repos = h.legacy_repo();
+    let agent = h.spawn();
+    assert!(registered(&dash), "{}", agent.log());
+    let register = &dash.messages("register")[0];
+    let payload = register.payload.as_ref().unwrap();
+    assert_eq!(payload["hostname"], HOST);
+    assert_eq!(payload["host_type"], "nixos");
+    let head = Repos::head(&repos.checkout);
+    assert_eq!(payload["generation"], head[..7]);
+    let handshake = &dash.handshakes()[0];
+    assert_eq!(handshake.path, "/ws");
+    assert_eq!(
+        handshake.header("authorization"),
+        Some(format!("Bearer {TOKEN}").as_str())
+    );
+    assert_eq!(handshake.header("origin"), None);
+    // Heartbeats keep coming at the interval (1 s here), and the dashboard sees the host online.
+    assert!(dash.wait_messages("heartbeat", 3, T).len() >= 3);
+    assert!(dash.host(HOST).is_some_and(|h| h.online));
+    assert!(!agent.log().contains(TOKEN), "token in the log");
+    // The v1 token cache is not used in v2.
+    assert!(!h.state_dir.join("token").exists());
+}
+
+#[test]
+fn v2_refused_token_backs_off_and_names_the_setting() {
+    let (h, dash) = v2_harness(V2Options::default());
+    dash.set_behaviour(|b| b.reject_all_tokens = true);
+    let agent = h.spawn();
+    assert!(
+        agent.wait_log(T, "refused the token"),
+        "no refusal logged: {}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("NIXFLEET_TOKEN_FILE"),
+        "{}",
+        agent.log()
+    );
+    // Backed off: a 401 waits between half the cap and the cap (2 s here), not a tight loop.
+    std::thread::sleep(Duration::from_secs(3));
+    let attempts = dash.handshakes().len();
+    assert!(attempts <= 4, "{attempts} handshakes in ~3 s");
+    dash.set_behaviour(|b| b.reject_all_tokens = false);
+    assert!(registered(&dash), "{}", agent.log());
+    assert!(!agent.log().contains(TOKEN));
+}
+
+#[test]
+fn v2_dashboard_that_stops_answering_pings_is_left_and_redialed() {
+    let (h, dash) = v2_harness(V2Options::default());
+    let agent = h.spawn();
+    assert!(registered(&dash));
+    dash.set_behaviour(|b| b.withhold_pongs = true);
+    // Pings go with each heartbeat; with no answer in the pong timeout (2 s) the agent redials.
+    assert!(
+        wait_until(T, || dash.messages("register").len() >= 2),
+        "never redialed: {}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("did not answer a ping"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn v2_reconnects_after_the_dashboard_drops_and_goes_down() {
+    let (h, dash) = v2_harness(V2Options::default());
+    let agent = h.spawn();
+    assert!(registered(&dash));
+    dash.drop_connection(HOST, DropHow::Abrupt);
+    assert!(wait_until(T, || dash.messages("register").len() >= 2));
+    dash.set_behaviour(|b| b.down = true);
+    std::thread::sleep(Duration::from_secs(2));
+    dash.set_behaviour(|b| b.down = false);
+    assert!(
+        wait_until(T, || dash.messages("register").len() >= 3),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("dashboard link down"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn v2_two_agents_with_one_hostname_say_so_and_stop_flapping() {
+    let (h, dash) = v2_harness(V2Options::default());
+    let mut h2 = Harness::new();
+    fs::write(&h2.token_file, format!("{TOKEN}\n")).unwrap();
+    h2.set("NIXFLEET_URL", dash.url());
+    h2.set("NIXFLEET_HTTP_TIMEOUT", "2s");
+    let first = h.spawn();
+    let second = h2.spawn();
+    let said = wait_until(Duration::from_secs(30), || {
+        first
+            .log()
+            .contains("another agent is connected as hostname")
+            || second
+                .log()
+                .contains("another agent is connected as hostname")
+    });
+    assert!(said, "{}\n----\n{}", first.log(), second.log());
+    // Backing off: over 6 s, far fewer registrations than upstream's one per second each.
+    let before = dash.messages("register").len();
+    std::thread::sleep(Duration::from_secs(6));
+    let during = dash.messages("register").len() - before;
+    assert!(during <= 8, "{during} registrations in 6 s");
+}
+
+fn v2_with_repo() -> (Harness, FakeV2, Repos) {
+    let (mut h, dash) = v2_harness(V2Options {
+        lifecycle: true,
+        ..V2Options::default()
+    });
+    let repos = h.legacy_repo();
+    (h, dash, repos)
+}
+
+#[test]
+fn v2_commands_pull_test_rollback_refresh_and_unknown_answer_by_name() {
+    let (h, dash, repos) = v2_with_repo();
+    let calls = h.tmp.path().join("calls");
+    h.stand_in("nixos-rebuild", "echo rebuilt \"$@\"");
+    write_executable(
+        &repos.dev.join("hosts/testhost/tests/T01-ok.sh"),
+        "#!/bin/sh\necho fine\n",
+    );
+    repos.push_commit("tests", &[]);
+    let agent = h.spawn();
+    assert!(registered(&dash));
+
+    dash.dispatch(HOST, "pull").unwrap();
+    let pull = wait_result(&dash, "pull");
+    assert_eq!(exit_code(&pull), 0, "{pull:?}\n{}", agent.log());
+    assert!(wait_until(T, || dash
+        .command_state(HOST)
+        .is_some_and(|c| c.finished_at.is_some())));
+
+    dash.dispatch(HOST, "test").unwrap();
+    let test = wait_result(&dash, "test");
+    assert_eq!(exit_code(&test), 0, "{test:?}");
+    assert!(
+        dash.messages("output")
+            .iter()
+            .any(|f| f.str_field("line") == Some("fine") && f.str_field("command") == Some("test")),
+        "test output not streamed"
+    );
+    assert!(!dash.messages("test_progress").is_empty());
+
+    dash.send_command(HOST, "rollback").unwrap();
+    let rollback = wait_result(&dash, "rollback");
+    assert_eq!(exit_code(&rollback), 0, "{rollback:?}");
+    assert_eq!(h.calls("nixos-rebuild"), ["switch --rollback"]);
+
+    dash.send_command(HOST, "refresh-lock").unwrap();
+    let lock = wait_result(&dash, "refresh-lock");
+    assert!(message(&lock).contains("lock ok"), "{lock:?}");
+
+    dash.send_command(HOST, "check-version").unwrap();
+    let version = wait_result(&dash, "check-version");
+    assert!(
+        message(&version).contains("running=0.1.0 installed=0.1.0"),
+        "{version:?}"
+    );
+
+    dash.send_command(HOST, "bump-flake").unwrap();
+    let unknown = wait_result(&dash, "bump-flake");
+    assert_eq!(exit_code(&unknown), 1);
+    assert!(message(&unknown).contains("Unknown command"), "{unknown:?}");
+
+    // Exactly one final status per command.
+    for name in ["pull", "test", "rollback", "refresh-lock", "check-version"] {
+        let n = statuses(&dash)
+            .iter()
+            .filter(|f| f.str_field("command") == Some(name))
+            .count();
+        assert_eq!(n, 1, "{name}: {:#?}", statuses(&dash));
+    }
+    drop(calls);
+}
+
+#[test]
+fn v2_busy_agent_rejects_then_stop_kills_the_whole_tree() {
+    let (h, dash, _repos) = v2_with_repo();
+    let pids = h.tmp.path().join("pids");
+    // A switch that ignores SIGTERM and leaves a grandchild.
+    h.stand_in(
+        "nixos-rebuild",
+        &format!(
+            "trap '' TERM\nsleep 1000 &\necho $! > '{}'\necho building\nwait",
+            pids.display()
+        ),
+    );
+    let agent = h.spawn();
+    assert!(registered(&dash));
+    dash.dispatch(HOST, "switch").unwrap();
+    assert!(wait_until(T, || pids.exists()), "{}", agent.log());
+    // Busy: anything but stop/restart/reboot is refused with command_rejected.
+    dash.send_command(HOST, "pull").unwrap();
+    let rejected = dash.wait_messages("command_rejected", 1, T);
+    assert_eq!(rejected.len(), 1, "{}", agent.log());
+    assert_eq!(rejected[0].str_field("current_command"), Some("switch"));
+    // Reboot while busy is refused rather than cutting a switch in half.
+    dash.send_command(HOST, "reboot").unwrap();
+    let reboot = wait_result(&dash, "reboot");
+    assert_eq!(exit_code(&reboot), 1, "{reboot:?}");
+
+    let t = Instant::now();
+    dash.send_command(HOST, "stop").unwrap();
+    let stop = wait_result(&dash, "stop");
+    assert_eq!(exit_code(&stop), 0, "{stop:?}");
+    let switch = wait_result(&dash, "switch");
+    assert_ne!(exit_code(&switch), 0);
+    assert!(
+        message(&switch).contains("Stopped by the dashboard"),
+        "{switch:?}"
+    );
+    let grandchild: i32 = fs::read_to_string(&pids).unwrap().trim().parse().unwrap();
+    // Gone, or a zombie waiting for init to reap it: either way no longer running.
+    let gone = wait_until(Duration::from_secs(5), || {
+        fs::read_to_string(format!("/proc/{grandchild}/stat")).map_or(true, |stat| {
+            stat.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    });
+    assert!(gone, "grandchild {grandchild} survived the stop");
+    assert!(t.elapsed() < Duration::from_secs(15));
+}
+
+#[test]
+fn v2_restart_reports_then_exits_and_reboot_runs_after_delivery() {
+    let (h, dash, _repos) = v2_with_repo();
+    let mut agent = h.spawn();
+    assert!(registered(&dash));
+    dash.send_command(HOST, "restart").unwrap();
+    let restart = wait_result(&dash, "restart");
+    assert_eq!(exit_code(&restart), 0);
+    let status = agent.wait_exit(T).expect("agent exits after restart");
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    // The socket was closed politely: 1000 "shutdown".
+    assert!(
+        dash.frames()
+            .iter()
+            .any(|f| f.close_code == Some(1000) && f.text == "shutdown"),
+        "no close frame"
+    );
+
+    h.stand_in("systemctl", "exit 0");
+    let mut agent = h.spawn();
+    assert!(wait_until(T, || dash.messages("register").len() >= 2));
+    dash.send_command(HOST, "reboot").unwrap();
+    let reboot = wait_result(&dash, "reboot");
+    assert_eq!(exit_code(&reboot), 0, "{reboot:?}");
+    assert!(agent.wait_exit(T).is_some(), "{}", agent.log());
+    assert_eq!(h.calls("systemctl"), ["reboot"], "{}", agent.log());
+}
+
+#[test]
+fn v2_output_flood_is_streamed_with_bounds_and_the_result_says_what_was_dropped() {
+    let (h, dash, repos) = v2_with_repo();
+    write_executable(
+        &repos.dev.join("hosts/testhost/tests/T01-flood.sh"),
+        "#!/bin/sh\nyes \"$(printf 'line %0200d' 0)\" | head -n 20000\nhead -c 2000000 /dev/zero | tr '\\0' x\necho\n",
+    );
+    repos.push_commit("flood", &[]);
+    let agent = h.spawn();
+    assert!(registered(&dash));
+    dash.send_command(HOST, "pull").unwrap();
+    wait_result(&dash, "pull");
+    dash.send_command(HOST, "test").unwrap();
+    let test = wait_result(&dash, "test");
+    let outputs = dash.messages("output");
+    assert!(outputs.len() > 100, "{} lines streamed", outputs.len());
+    let biggest = outputs.iter().map(|f| f.raw_len).max().unwrap();
+    assert!(biggest < 8 * 1024, "an output message of {biggest} bytes");
+    // One connection throughout: nothing went over the dashboard's 512 KiB limit.
+    assert_eq!(dash.messages("register").len(), 1, "{}", agent.log());
+    if outputs.len() < 20_001 {
+        assert!(message(&test).contains("not streamed"), "{test:?}");
+    }
+    let rss = agent.rss_kib().unwrap();
+    assert!(rss < 64 * 1024, "RSS {rss} KiB after the flood");
+}
+
+#[test]
+fn v2_result_made_while_the_dashboard_is_down_is_sent_after_reconnecting() {
+    let (h, dash, _repos) = v2_with_repo();
+    let gate = h.tmp.path().join("gate");
+    h.stand_in(
+        "nixos-rebuild",
+        &format!(
+            "while [ ! -e '{}' ]; do sleep 0.1; done\necho done",
+            gate.display()
+        ),
+    );
+    let agent = h.spawn();
+    assert!(registered(&dash));
+    dash.send_command(HOST, "switch").unwrap();
+    assert!(wait_until(T, || !h.calls("nixos-rebuild").is_empty()));
+    dash.set_behaviour(|b| b.down = true);
+    fs::write(&gate, "").unwrap();
+    assert!(
+        wait_until(T, || fs::read_to_string(h.state_dir.join("outbox.json"))
+            .is_ok_and(|s| s.contains("\"switch\""))),
+        "result not kept on disk: {}",
+        agent.log()
+    );
+    dash.set_behaviour(|b| b.down = false);
+    let switch = wait_result(&dash, "switch");
+    assert_eq!(exit_code(&switch), 0, "{switch:?}");
+}
+
+#[test]
+fn v2_successful_switch_registers_again_so_the_dashboard_completes_it() {
+    let (h, dash, _repos) = v2_with_repo();
+    h.stand_in("nixos-rebuild", "echo switched");
+    let agent = h.spawn();
+    assert!(registered(&dash));
+    dash.dispatch(HOST, "switch").unwrap();
+    let switch = wait_result(&dash, "switch");
+    assert_eq!(exit_code(&switch), 0, "{switch:?}");
+    assert!(
+        wait_until(T, || dash.messages("register").len() >= 2),
+        "no second register: {}",
+        agent.log()
+    );
+    // Same connection: a register, not a reconnect, finished it.
+    assert_eq!(dash.handshakes().len(), 1);
+    let history = dash.command_history(HOST);
+    assert!(
+        history
+            .iter()
+            .any(|c| c.op == "switch" && format!("{:?}", c.status) == "Success"),
+        "{history:?}"
+    );
+}
+
+#[test]
+fn v2_command_interrupted_by_kill_9_is_reported_by_name_after_restart() {
+    let (h, dash, _repos) = v2_with_repo();
+    h.stand_in("nixos-rebuild", "sleep 1000");
+    let mut agent = h.spawn();
+    assert!(registered(&dash));
+    dash.send_command(HOST, "switch").unwrap();
+    assert!(wait_until(T, || !h.calls("nixos-rebuild").is_empty()));
+    agent.kill9();
+    let _agent = h.spawn();
+    let switch = wait_result(&dash, "switch");
+    assert_eq!(exit_code(&switch), 1);
+    assert!(message(&switch).contains("interrupted"), "{switch:?}");
+}
+
+#[test]
+fn v2_over_tls_with_the_ca_file() {
+    let (mut h, dash) = v2_harness(V2Options {
+        tls: true,
+        ..V2Options::default()
+    });
+    let ca = h.tmp.path().join("ca.pem");
+    fs::write(&ca, dash.ca_pem().unwrap()).unwrap();
+    h.set("NIXFLEET_CA_FILE", ca.display().to_string());
+    h.unset("NIXFLEET_ALLOW_INSECURE_HTTP");
+    assert!(dash.url().starts_with("wss://"));
+    let agent = h.spawn();
+    assert!(registered(&dash), "{}", agent.log());
+}

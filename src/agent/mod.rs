@@ -246,7 +246,9 @@ pub struct Agent<L: Link> {
     notifier: Notifier,
     progress: Arc<Progress>,
     logged_422: HashSet<String>,
-    outage_note: Option<String>,
+    /// Said once the link is back, at a random moment within a few intervals (so a fleet
+    /// reconnecting together does not send all its notes at once), and (v1) only when idle.
+    outage_note: Option<(String, Instant)>,
     stopping: Option<Stopping>,
     /// The journal entry a `Job::Resume` continues.
     resume: Option<JournalEntry>,
@@ -518,6 +520,7 @@ impl<L: Link> Agent<L> {
             self.notifier.watchdog_tick();
             self.debug_wedge();
             self.start_next_command();
+            self.say_outage_note();
             self.start_request();
             self.notifier.status(&self.status_line());
             if let Some(code) = self.stop_done() {
@@ -669,6 +672,9 @@ impl<L: Link> Agent<L> {
         let mut wake = self.last_beat + self.beat_period();
         if let Some(due) = self.notifier.next_watchdog_due() {
             wake = wake.min(due);
+        }
+        if let Some((_, due)) = &self.outage_note {
+            wake = wake.min(*due);
         }
         if let Some(stopping) = &self.stopping {
             if self.running.is_some() {
@@ -1030,9 +1036,15 @@ impl<L: Link> Agent<L> {
                 if let Some(command) = reply.command {
                     self.on_command(command);
                 }
-                self.link_up();
+                let after_outage = self.link_up();
+                // After an outage the next beat lands anywhere within two intervals, so a
+                // fleet that reconnected in one wave does not come back in lockstep.
                 self.next_heartbeat = Instant::now()
-                    + backoff::next_interval(self.settings.interval, fastrand::f64());
+                    + if after_outage {
+                        backoff::after_outage_interval(self.settings.interval, fastrand::f64())
+                    } else {
+                        backoff::next_interval(self.settings.interval, fastrand::f64())
+                    };
             }
             Delivery::Heartbeat(Err(error)) => {
                 // Strict alternation: a failed heartbeat lets the pending report go next.
@@ -1147,7 +1159,9 @@ impl<L: Link> Agent<L> {
         );
     }
 
-    fn link_up(&mut self) {
+    /// The link works. Returns whether it had been down (an outage just ended).
+    fn link_up(&mut self) -> bool {
+        let was_down = self.link.down_since.is_some();
         if let Some(since) = self.link.down_since.take() {
             let reason = self
                 .link
@@ -1160,19 +1174,34 @@ impl<L: Link> Agent<L> {
                 failures = self.link.failures,
                 "dashboard reachable again after {outage} ({reason})"
             );
-            self.outage_note = Some(format!(
-                "Agent: dashboard was unreachable for {outage} ({reason}); reconnected"
+            let due = Instant::now()
+                + backoff::outage_note_delay(self.settings.interval, fastrand::f64());
+            self.outage_note = Some((
+                format!("Agent: dashboard was unreachable for {outage} ({reason}); reconnected"),
+                due,
             ));
         }
         self.link.failures = 0;
         self.link.retry_at = None;
         self.link.last_error = None;
         self.link.last_ok = Some(Instant::now());
-        // v1: said only when idle, since a status while a command runs would close its log
-        // row. A notice closes nothing by name (v2).
+        was_down
+    }
+
+    /// Queues the outage note once it is due and may be said: v1 only when idle, since a
+    /// status while a command runs would close its log row; a notice closes nothing by name
+    /// (v2).
+    fn say_outage_note(&mut self) {
+        let Some((_, due)) = &self.outage_note else {
+            return;
+        };
         let may_say = !self.by_position()
             || (self.running.is_none() && self.queue.is_empty() && self.outbox.is_empty());
-        if may_say && let Some(note) = self.outage_note.take() {
+        if Instant::now() >= *due
+            && may_say
+            && self.link.down_since.is_none()
+            && let Some((note, _)) = self.outage_note.take()
+        {
             self.outbox.push(
                 Report::Status(StatusReport::notice(
                     Outcome::Ok,

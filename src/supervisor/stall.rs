@@ -16,10 +16,10 @@ use std::time::Duration;
 use super::progress::Progress;
 use crate::exit;
 
-/// Bounds on how often the monitor looks: often enough to react within a tenth of the threshold,
-/// never a busy loop, never slower than once a second.
-const MIN_CHECK: Duration = Duration::from_millis(10);
-const MAX_CHECK: Duration = Duration::from_secs(1);
+/// How late after the stall deadline the monitor may look: it sleeps until the deadline the
+/// last beat implies, plus this margin, then checks again (a beat meanwhile moves the
+/// deadline). Never shorter than this, so a beat exactly at the deadline is no busy loop.
+const MARGIN: Duration = Duration::from_millis(50);
 
 /// Until the main loop first beats, start-up (system CA store, state files, OS facts, whose
 /// child has a 10 s timeout) may take this long even with a small `NIXFLEET_STALL_TIMEOUT`:
@@ -35,22 +35,25 @@ fn limit(threshold: Duration, loop_started: bool) -> Duration {
     }
 }
 
-/// Starts the monitor thread. When `progress.since_last_beat()` exceeds `threshold` it reports
+/// Starts the monitor thread. It sleeps until the stall deadline the last beat implies (no
+/// fixed polling). When `progress.since_last_beat()` exceeds `threshold` it reports
 /// on stderr and exits the whole process with `exit::STALLED`. The thread never returns.
 pub fn spawn_stall_monitor(
     progress: Arc<Progress>,
     threshold: Duration,
 ) -> io::Result<JoinHandle<()>> {
-    let period = (threshold / 10).clamp(MIN_CHECK, MAX_CHECK);
     std::thread::Builder::new()
         .name("stall-monitor".into())
         .spawn(move || {
             loop {
-                std::thread::sleep(period);
+                // Sleep until the loop would be stalled if it did not beat again: one wake-up
+                // per threshold while the loop is healthy, not one per second.
+                let limit = limit(threshold, progress.has_beaten());
                 let stalled = progress.since_last_beat();
-                if stalled > limit(threshold, progress.has_beaten()) {
+                if stalled > limit {
                     abort_stalled(&progress, stalled);
                 }
+                std::thread::sleep(limit - stalled + MARGIN);
             }
         })
 }

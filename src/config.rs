@@ -65,10 +65,10 @@ pub struct SettingName {
 }
 
 macro_rules! settings_table {
-    ($( $key:literal => $env:literal $(, $flag:literal)? ;)*) => {
+    ($( $(#[$attr:meta])* $key:literal => $env:literal $(, $flag:literal)? ;)*) => {
         /// Every setting the agent reads. The packaging checks compare module options to this.
         pub const SETTINGS: &[SettingName] = &[
-            $( SettingName { key: $key, env: $env, flag: settings_table!(@flag $($flag)?) }, )*
+            $( $(#[$attr])* SettingName { key: $key, env: $env, flag: settings_table!(@flag $($flag)?) }, )*
         ];
     };
     (@flag) => { None };
@@ -114,6 +114,9 @@ settings_table! {
     "log" => "NIXFLEET_LOG";
     "queue_limit" => "NIXFLEET_QUEUE_LIMIT";
     "http_timeout" => "NIXFLEET_HTTP_TIMEOUT";
+    // Test builds only (cargo feature `test-hooks`): a shipped binary does not know this
+    // setting, so its key is an unknown-key error and its variable is never read.
+    #[cfg(feature = "test-hooks")]
     "debug_wedge_file" => "NIXFLEET_DEBUG_WEDGE_FILE";
     "metrics_file" => "NIXFLEET_METRICS_FILE";
 }
@@ -429,7 +432,9 @@ pub struct Settings {
     /// Total time for one dashboard request (connect is capped at 5 s within it).
     pub http_timeout: Duration,
     /// Test-only hook: while this file exists the main loop blocks its thread, to prove that
-    /// the watchdog pings stop and the stall monitor fires.
+    /// the watchdog pings stop and the stall monitor fires. Compiled only with the
+    /// `test-hooks` feature (the test build), never into a shipped binary.
+    #[cfg(feature = "test-hooks")]
     pub debug_wedge_file: Option<PathBuf>,
     /// Prometheus text-format metrics for node-exporter's textfile collector, written
     /// atomically; `None` writes none.
@@ -1131,6 +1136,7 @@ impl Settings {
                 Duration::from_millis(100),
                 Duration::from_secs(300),
             )?,
+            #[cfg(feature = "test-hooks")]
             debug_wedge_file: path_setting("debug_wedge_file")?,
             metrics_file: path_setting("metrics_file")?,
         })

@@ -422,6 +422,7 @@ impl<T: Transport> Agent<T> {
         loop {
             self.progress.beat();
             self.notifier.watchdog_tick();
+            #[cfg(feature = "test-hooks")]
             self.debug_wedge();
             self.start_next_command();
             self.start_request();
@@ -458,6 +459,7 @@ impl<T: Transport> Agent<T> {
     }
 
     /// Test-only hook (`NIXFLEET_DEBUG_WEDGE_FILE`): block this thread while the file exists.
+    #[cfg(feature = "test-hooks")]
     fn debug_wedge(&self) {
         if let Some(file) = &self.settings.debug_wedge_file {
             while file.exists() {

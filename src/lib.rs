@@ -14,6 +14,7 @@ pub mod detach;
 pub mod exec;
 pub mod exit;
 pub mod facts;
+pub mod harden;
 pub mod lock;
 pub mod logging;
 pub mod store;

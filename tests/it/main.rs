@@ -17,6 +17,8 @@
 //! - `crash`: kill -9 during a detached switch and a test run, outbox across restarts, corrupt
 //!   state files, queued commands after a crash, a bounded chaos run, exit 10 after a switch
 //!   that installed a new binary, waiting for a manual switch that holds its lock.
+//! - `hardening`: issue 10, hostile files, peers and inputs: not dumpable and no core files,
+//!   ...
 //! - `rows`: regression tests that every result lands on its own dashboard log row (outage
 //!   notes, reports made during a heartbeat, resumed switches, a proxy 404 blip).
 //! - `supervisor`: sd-notify over path and abstract sockets (READY after the lock, STATUS,
@@ -33,6 +35,7 @@
 mod commands;
 mod core;
 mod crash;
+mod hardening;
 mod resilience;
 mod rows;
 mod supervisor;

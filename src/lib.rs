@@ -19,3 +19,4 @@ pub mod lock;
 pub mod logging;
 pub mod store;
 pub mod supervisor;
+pub mod text;

@@ -936,6 +936,10 @@ impl<T: Transport> Agent<T> {
                 );
                 for (field, message) in details {
                     let key = format!("{what}:{field}:{message}");
+                    // Bounded: a dashboard sending new details every time cannot grow it.
+                    if self.logged_422.len() >= 64 {
+                        self.logged_422.clear();
+                    }
                     if self.logged_422.insert(key) {
                         let hint = setting_for_field(field)
                             .map(|s| format!("; check {s}"))

@@ -49,3 +49,83 @@ fn nix_is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// A tiny deterministic generator, so a failure can be replayed.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+
+    fn word(&mut self, len: usize) -> String {
+        (0..len)
+            .map(|_| char::from(b'a' + (self.next() % 26) as u8))
+            .collect()
+    }
+}
+
+/// Item 4: a dashboard that answers every request with 422 and thousands of fresh, random
+/// validation items, some of them trying to forge log lines, every second. The agent's memory
+/// stays flat, it logs a bounded number of short lines, and no reply starts a line of its own.
+#[test]
+fn flood_of_random_validation_errors_keeps_memory_flat_and_log_lines_short() {
+    let rng = std::sync::Mutex::new(Lcg(0x5eed));
+    let server = hostile::HostileServer::start(move |_| {
+        let mut rng = rng.lock().unwrap();
+        let items: Vec<serde_json::Value> = (0..3000)
+            .map(|_| {
+                let field = rng.word(40);
+                let msg = format!(
+                    "{}\n2026-01-01T00:00:00.000000Z  INFO forged-line {}",
+                    rng.word(60),
+                    rng.word(60)
+                );
+                serde_json::json!({"type": "x", "loc": ["body", field], "msg": msg, "input": rng.word(20)})
+            })
+            .collect();
+        hostile::Reply::json(
+            422,
+            serde_json::to_vec(&serde_json::json!({ "detail": items })).unwrap(),
+        )
+    });
+    let mut h = Harness::new();
+    h.set("NIXFLEET_URL", server.url());
+    h.set("NIXFLEET_BACKOFF_CAP", "1");
+    let agent = h.spawn();
+    assert!(
+        wait_until(T, || server.seen().len() >= 3),
+        "{}",
+        agent.log()
+    );
+    let early = agent.rss_kib().expect("rss");
+    let early_requests = server.seen().len();
+    std::thread::sleep(Duration::from_secs(10));
+    let late = agent.rss_kib().expect("rss");
+    let requests = server.seen().len() - early_requests;
+    assert!(requests >= 4, "only {requests} requests in 10 s");
+    let log = agent.log();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(
+        late <= early + 4 * 1024,
+        "RSS grew from {early} KiB to {late} KiB over {requests} requests"
+    );
+    assert!(
+        lines.len() < 40 * (requests + early_requests),
+        "{} log lines for {} requests",
+        lines.len(),
+        requests + early_requests
+    );
+    for line in &lines {
+        assert!(line.len() <= 1600, "a log line of {} bytes", line.len());
+        assert!(
+            !line.starts_with("2026-01-01T00:00:00.000000Z"),
+            "forged line: {line}"
+        );
+    }
+    assert!(log.contains("more validation errors not shown"), "{log}");
+}

@@ -10,6 +10,8 @@
     reason = "each test module uses a different part of the harness"
 )]
 
+pub mod hostile;
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};

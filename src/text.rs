@@ -1,0 +1,84 @@
+//! Text from outside the agent (a dashboard's error body, a reply's detail, a file's
+//! contents) made safe to log or keep: control characters escaped, so no reply can forge a log
+//! line or move the terminal's cursor, and the length capped, so no reply can grow a log line
+//! or the agent's memory without bound.
+//!
+//! Every protocol link (v1 today, v2 next) passes foreign text through [`bounded`] before it
+//! lands in an error, a log line or remembered state. This module must not allocate more than
+//! the cap plus a short suffix, whatever it is given.
+
+use std::fmt::Write as _;
+
+/// The most bytes of foreign text one log line carries (about 1 KiB, plus the cut note).
+pub const LOG_TEXT_MAX: usize = 1024;
+
+/// `text` with control characters escaped (`\n`, `\r`, `\t`, `\u{1b}`, ...; also the Unicode
+/// line and paragraph separators and bidi overrides) and cut to at most `max_bytes` bytes of
+/// output, on a character boundary, followed by ` …(N more bytes)` when cut.
+pub fn bounded(text: &str, max_bytes: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max_bytes) + 24);
+    let mut used = 0;
+    for (at, c) in text.char_indices() {
+        let start = out.len();
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\\' => out.push_str("\\\\"),
+            c if needs_escape(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+        if out.len() > max_bytes {
+            out.truncate(start);
+            let _ = write!(out, " …({} more bytes)", text.len() - at);
+            return out;
+        }
+        used = at + c.len_utf8();
+    }
+    debug_assert_eq!(used, text.len());
+    out
+}
+
+/// [`bounded`] at the log-line cap.
+pub fn for_log(text: &str) -> String {
+    bounded(text, LOG_TEXT_MAX)
+}
+
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_so_no_line_can_be_forged() {
+        let forged = "oops\n2026-01-01T00:00:00Z  INFO token accepted\r\u{1b}[2J\u{0}\u{2028}x\\n";
+        let out = for_log(forged);
+        assert!(!out.chars().any(|c| c.is_control()), "{out:?}");
+        assert_eq!(
+            out,
+            "oops\\n2026-01-01T00:00:00Z  INFO token accepted\\r\\u{1b}[2J\\u{0}\\u{2028}x\\\\n"
+        );
+    }
+
+    #[test]
+    fn long_text_is_cut_on_a_char_boundary_with_a_note() {
+        let long = "é".repeat(5000);
+        let out = bounded(&long, 101);
+        assert!(out.starts_with(&"é".repeat(50)), "{out}");
+        assert!(out.ends_with(" …(9900 more bytes)"), "{out}");
+        assert!(out.len() <= 101 + 24);
+        assert_eq!(bounded("short", 101), "short");
+        // An escape is never cut in half.
+        assert_eq!(bounded("ab\n", 3), "ab …(1 more bytes)");
+    }
+}

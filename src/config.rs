@@ -128,6 +128,9 @@ fn setting(key: &str) -> &'static SettingName {
         .expect("every key used in validation is in SETTINGS")
 }
 
+/// Settings holding a URL, which may carry a secret: never echoed unredacted.
+const URL_KEYS: &[&str] = &["url", "repo_url"];
+
 /// A configuration error: names the setting, where the bad value came from, and what to do.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
@@ -142,10 +145,17 @@ impl ConfigError {
         }
     }
 
+    /// A URL-valued setting is echoed with its secrets redacted (`text::redact_url`): an
+    /// error message lands in logs and in the Nix build log of the modules' check.
     fn invalid(key: &str, raw: &RawValue, why: &str) -> Self {
+        let shown = if URL_KEYS.contains(&key) {
+            crate::text::redact_url(&raw.value)
+        } else {
+            raw.value.clone()
+        };
         ConfigError::new(format!(
-            "invalid {key} {:?} (from {}): {why}; fix it or unset it to use the default",
-            raw.value, raw.source
+            "invalid {key} {shown:?} (from {}): {why}; fix it or unset it to use the default",
+            raw.source
         ))
     }
 }
@@ -842,6 +852,7 @@ impl Settings {
                         "must be an absolute path",
                     ));
                 }
+                check_repo_url(url)?;
                 RepoMode::Isolated {
                     url: url.value.trim().to_string(),
                     dir,
@@ -1150,7 +1161,7 @@ impl Settings {
         };
         format!(
             "url = {}\nprotocol = {}\ntoken = {token}\nhostname = {}\nhost_type = {}\nlocation = {}\n\
-             device_type = {}\ninterval = {}\nbackoff_cap = {}\nrepo = {:?}\n\
+             device_type = {}\ninterval = {}\nbackoff_cap = {}\nrepo = {}\n\
              agent_version = {}\ntimeouts = {:?}\nswitch_mode = {:?}\n\
              switch_isolation = {:?}\nstall_timeout = {}\n",
             self.url,
@@ -1161,13 +1172,60 @@ impl Settings {
             self.host.device_type,
             human_duration(self.interval),
             human_duration(self.backoff_cap),
-            self.repo,
+            RepoDescription(&self.repo),
             self.agent_version,
             self.timeouts,
             self.switch_mode,
             self.switch_isolation,
             human_duration(self.stall_timeout),
         )
+    }
+}
+
+/// Refuses a `repo_url` that carries a secret: a password or (in an http(s) URL, where a user
+/// name is usually an access token) any user information, or a query or fragment. git would
+/// echo such a URL in its errors, which reach the log and the dashboard. An `ssh://git@…` or
+/// scp-like `git@host:path` user name is no secret and is accepted.
+fn check_repo_url(raw: &RawValue) -> Result<(), ConfigError> {
+    let value = raw.value.trim();
+    let fix = "it must not carry a password, token or query (git would echo it in errors that \
+               reach the log and the dashboard); use NIXFLEET_SSH_KEY, or a git credential \
+               helper or .netrc for root; fix NIXFLEET_REPO_URL";
+    if value.contains("://") {
+        let Ok(url) = reqwest::Url::parse(value) else {
+            return Err(ConfigError::invalid("repo_url", raw, "not a valid URL"));
+        };
+        let web = matches!(url.scheme(), "http" | "https");
+        if url.password().is_some()
+            || (web && !url.username().is_empty())
+            || url.query().is_some()
+            || url.fragment().is_some()
+        {
+            return Err(ConfigError::invalid("repo_url", raw, fix));
+        }
+    } else if let Some((user, _)) = value.split_once('@')
+        && user.contains(':')
+    {
+        return Err(ConfigError::invalid("repo_url", raw, fix));
+    }
+    Ok(())
+}
+
+/// `check-config`'s view of the repository, its URL redacted all the same.
+struct RepoDescription<'a>(&'a RepoMode);
+
+impl fmt::Display for RepoDescription<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            RepoMode::Legacy { dir } => write!(f, "legacy checkout {}", dir.display()),
+            RepoMode::Isolated { url, dir, branch } => write!(
+                f,
+                "isolated clone of {} (branch {branch}) in {}",
+                crate::text::redact_url(url),
+                dir.display()
+            ),
+            RepoMode::None => f.write_str("none"),
+        }
     }
 }
 
@@ -1464,6 +1522,56 @@ mod tests {
         );
         assert_eq!(parse_token_text("# comment\nQQ==\n"), "QQ==");
         assert_eq!(parse_token_text("aGVsbG8=\n"), "aGVsbG8=");
+    }
+
+    #[test]
+    fn repo_url_with_a_secret_is_refused_and_never_echoed() {
+        for url in [
+            "https://user:s3cret@git.example/r.git",
+            "https://s3cret@git.example/r.git",
+            "https://git.example/r.git?private_token=s3cret",
+            "ssh://git:s3cret@git.example/r.git",
+            "git:s3cret@git.example:org/r.git",
+        ] {
+            let env = with(&[
+                ("NIXFLEET_REPO_URL", url),
+                ("NIXFLEET_REPO_DIR", "/var/lib/x/repo"),
+            ]);
+            let err = settings(&env, &[]).unwrap_err();
+            assert!(err.contains("fix NIXFLEET_REPO_URL"), "{url}: {err}");
+            assert!(
+                !err.contains("s3cret"),
+                "{url}: the secret is echoed: {err}"
+            );
+        }
+        for url in [
+            "git@github.com:org/r.git",
+            "ssh://git@git.example/r.git",
+            "https://git.example/r.git",
+            "/srv/git/r.git",
+        ] {
+            let env = with(&[
+                ("NIXFLEET_REPO_URL", url),
+                ("NIXFLEET_REPO_DIR", "/var/lib/x/repo"),
+            ]);
+            let s = settings(&env, &[]).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert!(
+                s.describe().contains(&format!(
+                    "isolated clone of {} (branch main)",
+                    crate::text::redact_url(url)
+                )),
+                "{}",
+                s.describe()
+            );
+        }
+        // The dashboard URL is never echoed with a secret either, whatever else is wrong.
+        for url in [
+            "http://user:s3cret@fleet.example",
+            "https://fleet.example/?token=s3cret",
+        ] {
+            let err = settings(&with(&[("NIXFLEET_URL", url)]), &[]).unwrap_err();
+            assert!(!err.contains("s3cret"), "{url}: {err}");
+        }
     }
 
     #[test]

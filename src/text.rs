@@ -46,6 +46,30 @@ pub fn for_log(text: &str) -> String {
     bounded(text, LOG_TEXT_MAX)
 }
 
+/// A URL (or scp-like git location, `user@host:path`) with anything that can carry a secret
+/// replaced by `***`: the user information of a `scheme://` URL, a `user:password@` of an
+/// scp-like one, and the query and fragment. For error messages and `check-config`.
+pub fn redact_url(text: &str) -> String {
+    let (head, rest) = match text.find("://") {
+        Some(i) => text.split_at(i + 3),
+        None => ("", text),
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let authority = match authority.rfind('@') {
+        // `git@github.com:org/repo`: a plain user name in scp-like syntax is no secret.
+        Some(at) if !head.is_empty() || authority[..at].contains(':') => {
+            format!("***@{}", &authority[at + 1..])
+        }
+        _ => authority.to_owned(),
+    };
+    let path = match path.find(['?', '#']) {
+        Some(q) => format!("{}{}***", &path[..q], &path[q..=q]),
+        None => path.to_owned(),
+    };
+    format!("{head}{authority}{path}")
+}
+
 fn needs_escape(c: char) -> bool {
     c.is_control()
         || matches!(
@@ -68,6 +92,35 @@ mod tests {
             out,
             "oops\\n2026-01-01T00:00:00Z  INFO token accepted\\r\\u{1b}[2J\\u{0}\\u{2028}x\\\\n"
         );
+    }
+
+    #[test]
+    fn redact_url_hides_user_information_query_and_fragment() {
+        for (url, want) in [
+            (
+                "https://user:pw@git.example/r.git",
+                "https://***@git.example/r.git",
+            ),
+            (
+                "https://ghp_token@git.example/r.git",
+                "https://***@git.example/r.git",
+            ),
+            (
+                "https://git.example/r.git?token=x#y",
+                "https://git.example/r.git?***",
+            ),
+            (
+                "https://git.example/r.git#frag",
+                "https://git.example/r.git#***",
+            ),
+            ("ssh://git@git.example/r.git", "ssh://***@git.example/r.git"),
+            ("git@github.com:org/repo.git", "git@github.com:org/repo.git"),
+            ("user:pw@host:org/repo.git", "***@host:org/repo.git"),
+            ("/srv/git/repo.git", "/srv/git/repo.git"),
+            ("https://a@b@c/x", "https://***@c/x"),
+        ] {
+            assert_eq!(redact_url(url), want, "{url}");
+        }
     }
 
     #[test]

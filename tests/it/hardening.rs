@@ -129,3 +129,31 @@ fn flood_of_random_validation_errors_keeps_memory_flat_and_log_lines_short() {
     }
     assert!(log.contains("more validation errors not shown"), "{log}");
 }
+
+/// Item 5: a repository URL with credentials is refused, and neither `check-config` (which the
+/// NixOS and nix-darwin modules run at build time, into the Nix build log) nor the agent's log
+/// ever shows the secret.
+#[test]
+fn repo_url_with_credentials_is_refused_without_showing_them() {
+    for url in [
+        "https://deploy:s3cret-pw@git.example/fleet.git",
+        "https://s3cret-pw@git.example/fleet.git",
+        "https://git.example/fleet.git?private_token=s3cret-pw",
+    ] {
+        let mut h = Harness::new();
+        h.set("NIXFLEET_REPO_URL", url);
+        h.set(
+            "NIXFLEET_REPO_DIR",
+            h.tmp.path().join("repo").display().to_string(),
+        );
+        for args in [&["check-config"][..], &["run"][..]] {
+            let (code, out) = h.run_to_exit(args, T);
+            assert_eq!(code, Some(78), "{args:?} {url}: {out}");
+            assert!(out.contains("NIXFLEET_REPO_URL"), "{args:?} {url}: {out}");
+            assert!(
+                !out.contains("s3cret-pw"),
+                "{args:?} {url} shows the secret: {out}"
+            );
+        }
+    }
+}

@@ -226,7 +226,8 @@ impl RawConfig {
     }
 
     fn merge_file(&mut self, path: &Path) -> Result<(), ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        // At most 64 KiB: a token file pointing at /dev/zero must not grow the agent.
+        let text = read_capped(path, 64 * 1024).map_err(|e| {
             ConfigError::new(format!(
                 "cannot read config file {} (--config): {e}",
                 path.display()
@@ -614,7 +615,8 @@ fn parse_pins(raw: &RawValue) -> Result<Vec<[u8; 32]>, ConfigError> {
 }
 
 fn read_token_file(path: &Path, what: &str) -> Result<Secret, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    // At most 64 KiB: a token file pointing at /dev/zero must not grow the agent.
+    let text = read_capped(path, 64 * 1024).map_err(|e| {
         ConfigError::new(format!(
             "cannot read the token from {} ({what}): {e}; check the path and that the agent's \
              user may read it",
@@ -631,6 +633,20 @@ fn read_token_file(path: &Path, what: &str) -> Result<Secret, ConfigError> {
         )));
     }
     Ok(Secret::new(token))
+}
+
+fn read_capped(path: &Path, cap: u64) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(cap + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > cap {
+        return Err(std::io::Error::other(format!(
+            "it is larger than {cap} bytes"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|_| std::io::Error::other("it is not UTF-8 text"))
 }
 
 /// A token file holds the bare token or `NIXFLEET_TOKEN=<token>` (the v1 cache format, which is

@@ -20,3 +20,4 @@ pub mod logging;
 pub mod store;
 pub mod supervisor;
 pub mod text;
+pub mod trust;

@@ -310,6 +310,9 @@ impl Journal {
     }
 }
 
+/// Largest token cache read (a token is a few dozen bytes).
+const TOKEN_CACHE_MAX: usize = 64 * 1024;
+
 /// The per-host token cache.
 #[derive(Clone, Debug)]
 pub struct TokenCache {
@@ -325,11 +328,14 @@ impl TokenCache {
         &self.path
     }
 
-    /// The cached token, if the file exists and holds one.
+    /// The cached token, if the file exists and holds one. A cache that is a symbolic link,
+    /// not a regular file, owned by another user, readable or writable by group or others, or
+    /// over 64 KiB is refused with the reason (the caller falls back to the configured token):
+    /// someone else could have planted or read it.
     pub fn load(&self) -> io::Result<Option<Secret>> {
-        match fs::read_to_string(&self.path) {
-            Ok(text) => {
-                let token = parse_token_text(&text);
+        match crate::trust::read_private_file(&self.path, TOKEN_CACHE_MAX) {
+            Ok(bytes) => {
+                let token = parse_token_text(&String::from_utf8_lossy(&bytes));
                 Ok((!token.is_empty()).then(|| Secret::new(token)))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -423,6 +429,38 @@ mod tests {
             names,
             vec![planted.file_name().unwrap().to_str().unwrap(), "token"]
         );
+    }
+
+    #[test]
+    fn token_cache_that_others_could_plant_or_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let cache = TokenCache::new(path.clone());
+        let elsewhere = dir.path().join("elsewhere");
+        fs::write(&elsewhere, "NIXFLEET_TOKEN=planted\n").unwrap();
+        fs::set_permissions(&elsewhere, fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &path).unwrap();
+        let err = cache.load().unwrap_err().to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, "NIXFLEET_TOKEN=readable\n").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = cache.load().unwrap_err().to_string();
+        assert!(err.contains("mode 644"), "{err}");
+
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        if crate::trust::euid() == 0 {
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            let err = cache.load().unwrap_err().to_string();
+            assert!(err.contains("owned by uid 65534"), "{err}");
+            std::os::unix::fs::chown(&path, Some(0), None).unwrap();
+        }
+        assert_eq!(cache.load().unwrap(), Some(Secret::new("readable")));
+
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+        assert!(cache.load().is_err(), "a link to /dev/zero is never read");
     }
 
     #[test]

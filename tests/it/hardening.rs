@@ -157,3 +157,52 @@ fn repo_url_with_credentials_is_refused_without_showing_them() {
         }
     }
 }
+
+/// Item 6: a token cache another user could have planted (a symbolic link, a file readable by
+/// others) is not used: the agent says why and sends the configured token.
+#[test]
+fn planted_or_readable_token_cache_is_not_used() {
+    use std::os::unix::fs::PermissionsExt as _;
+    for planted_as_link in [true, false] {
+        let h = Harness::with_options(Options {
+            provision_tokens: false,
+            ..Options::default()
+        });
+        std::fs::create_dir_all(&h.state_dir).unwrap();
+        std::fs::set_permissions(&h.state_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let cache = h.state_dir.join("token");
+        if planted_as_link {
+            let elsewhere = h.tmp.path().join("planted-token");
+            std::fs::write(&elsewhere, "NIXFLEET_TOKEN=planted-token\n").unwrap();
+            std::fs::set_permissions(&elsewhere, std::fs::Permissions::from_mode(0o600)).unwrap();
+            std::os::unix::fs::symlink(&elsewhere, &cache).unwrap();
+        } else {
+            std::fs::write(&cache, "NIXFLEET_TOKEN=planted-token\n").unwrap();
+            std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let agent = h.spawn();
+        assert!(h.wait_status(T, "Agent started"), "{}", agent.log());
+        let bearers: Vec<_> = h
+            .dash
+            .requests()
+            .into_iter()
+            .filter_map(|r| r.bearer)
+            .collect();
+        assert!(!bearers.is_empty());
+        assert!(
+            bearers.iter().all(|b| b == SHARED_TOKEN),
+            "link {planted_as_link}: the planted token was sent: {bearers:?}"
+        );
+        let why = if planted_as_link {
+            "symbolic link"
+        } else {
+            "mode 644"
+        };
+        assert!(
+            agent.log().contains("cannot read the token cache") && agent.log().contains(why),
+            "{}",
+            agent.log()
+        );
+        assert!(!agent.log().contains("planted-token"), "{}", agent.log());
+    }
+}

@@ -91,6 +91,7 @@ settings_table! {
     "theme_color" => "NIXFLEET_THEME_COLOR";
     "agent_version" => "NIXFLEET_AGENT_VERSION";
     "allow_insecure_http" => "NIXFLEET_ALLOW_INSECURE_HTTP";
+    "allow_foreign_checkout" => "NIXFLEET_ALLOW_FOREIGN_CHECKOUT";
     "ca_file" => "NIXFLEET_CA_FILE";
     "pinned_pubkey" => "NIXFLEET_PINNED_PUBKEY";
     "hostname" => "NIXFLEET_HOSTNAME", "--hostname";
@@ -411,6 +412,9 @@ pub struct Settings {
     /// Which wire protocol `url` speaks: from its scheme, or forced by `NIXFLEET_PROTOCOL`.
     pub protocol: Protocol,
     pub allow_insecure_http: bool,
+    /// Use a legacy checkout owned by a user other than root or the agent's (whose owner can
+    /// then run code as the agent through git hooks and config).
+    pub allow_foreign_checkout: bool,
     pub ca_file: Option<PathBuf>,
     /// SHA-256 digests of acceptable server public keys (curl `--pinnedpubkey sha256//...`).
     pub pinned_pubkeys: Vec<[u8; 32]>,
@@ -1126,6 +1130,10 @@ impl Settings {
             url,
             protocol,
             allow_insecure_http,
+            allow_foreign_checkout: match raw.get("allow_foreign_checkout") {
+                Some(v) => parse_bool("allow_foreign_checkout", v)?,
+                None => false,
+            },
             ca_file,
             pinned_pubkeys,
             token,

@@ -206,3 +206,108 @@ fn planted_or_readable_token_cache_is_not_used() {
         assert!(!agent.log().contains("planted-token"), "{}", agent.log());
     }
 }
+
+fn is_root() -> bool {
+    nix_is_root()
+}
+
+/// Item 6: the isolated clone is made in a fresh private directory with an unpredictable name.
+/// Directories someone prepared next to the checkout (at the predictable staging name older
+/// agents used, or at the new prefix but owned by another user) are neither used nor deleted.
+#[test]
+fn isolated_clone_never_uses_or_deletes_a_prepared_staging_directory() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut h = Harness::new();
+    let (repos, dir) = h.isolated_repo();
+    let parent = dir.parent().unwrap().to_path_buf();
+    std::fs::create_dir_all(&parent).unwrap();
+    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let old_name = parent.join(".repo.nixfleet-clone");
+    std::fs::create_dir_all(&old_name).unwrap();
+    std::fs::write(old_name.join("precious"), "keep me\n").unwrap();
+    let foreign = parent.join(".repo.nixfleet-clone-0000000000000001");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("precious"), "keep me\n").unwrap();
+    if is_root() {
+        std::os::unix::fs::chown(&old_name, Some(65534), Some(65534)).unwrap();
+        std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+    }
+    let agent = h.spawn();
+    assert!(
+        agent.wait_log(T, "cloned the config repository"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(Repos::head(&dir), Repos::head(&repos.origin));
+    assert!(
+        old_name.join("precious").exists(),
+        "the old staging name was deleted"
+    );
+    if is_root() {
+        assert!(
+            foreign.join("precious").exists(),
+            "another user's directory was deleted"
+        );
+    }
+    let left: Vec<String> = std::fs::read_dir(&parent)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".repo.nixfleet-clone-") && !n.ends_with("0001"))
+        .collect();
+    assert!(left.is_empty(), "staging left behind: {left:?}");
+}
+
+/// HEAD of a checkout another user owns (git's own ownership check waived for the test).
+fn foreign_head(dir: &std::path::Path) -> String {
+    git(dir, &["-c", "safe.directory=*", "rev-parse", "HEAD"])
+}
+
+/// Item 6: a legacy checkout owned by a user other than root or the agent's is refused (its
+/// owner could run code as root through git hooks or config), unless explicitly allowed.
+#[test]
+fn foreign_owned_legacy_checkout_is_refused_unless_allowed() {
+    assert!(
+        is_root(),
+        "this test needs root to give the checkout to another user"
+    );
+    let mut h = Harness::new();
+    let repos = h.legacy_repo();
+    let before = Repos::head(&repos.checkout);
+    repos.push_commit("second", &[("README", "hello\n")]);
+    for path in [repos.checkout.clone(), repos.checkout.join(".git")] {
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+    }
+    let agent = h.spawn();
+    assert!(h.wait_status(T, "Agent started"), "{}", agent.log());
+    h.dash.force_command(HOST, "pull");
+    assert!(
+        h.wait_status(T, "NIXFLEET_ALLOW_FOREIGN_CHECKOUT"),
+        "{:?}\n{}",
+        h.statuses(),
+        agent.log()
+    );
+    assert!(
+        h.statuses()
+            .iter()
+            .any(|s| s.contains("owned by uid 65534")),
+        "{:?}",
+        h.statuses()
+    );
+    assert_eq!(
+        foreign_head(&repos.checkout),
+        before,
+        "git ran in the checkout"
+    );
+    drop(agent);
+
+    h.set("NIXFLEET_ALLOW_FOREIGN_CHECKOUT", "1");
+    let agent = h.spawn();
+    assert!(h.wait_status(T, "Agent started"), "{}", agent.log());
+    h.dash.force_command(HOST, "pull");
+    assert!(
+        wait_until(T, || foreign_head(&repos.checkout) != before),
+        "{:?}\n{}",
+        h.statuses(),
+        agent.log()
+    );
+}

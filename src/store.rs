@@ -21,6 +21,33 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
         .create(dir)
 }
 
+/// Largest state file read back (the outbox holds capped reports; this is far above it).
+pub const STATE_FILE_MAX: usize = 64 * 1024 * 1024;
+
+/// Reads a state file without following a symbolic link (`O_NOFOLLOW`) and only if it is a
+/// regular file of at most [`STATE_FILE_MAX`] bytes; anything else is an error, which callers
+/// treat like a corrupt file. The directory is private (`lock::choose_dir`), so this is
+/// defence in depth.
+pub fn read_state_file(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.file_type().is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(STATE_FILE_MAX as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() > STATE_FILE_MAX {
+        return Err(io::Error::other(format!(
+            "larger than {STATE_FILE_MAX} bytes"
+        )));
+    }
+    Ok(bytes)
+}
+
 /// How many random temp names [`write_atomic`] tries before giving up.
 const TEMP_ATTEMPTS: usize = 8;
 
@@ -177,7 +204,7 @@ impl Journal {
             held: Vec::new(),
         };
         let mut left = Left::default();
-        match fs::read(&path) {
+        match read_state_file(&path) {
             Ok(bytes) => match serde_json::from_slice::<JournalFile>(&bytes) {
                 Ok(file) if file.version == 1 => {
                     journal.last_id = file.last_id;

@@ -58,7 +58,7 @@ impl Outbox {
             path: Some(path.clone()),
             ..Outbox::default()
         };
-        match std::fs::read(&path) {
+        match crate::store::read_state_file(&path) {
             Ok(bytes) => match serde_json::from_slice::<OutboxFile>(&bytes) {
                 Ok(file) if file.version == VERSION => {
                     outbox.next_id = file.next_id;

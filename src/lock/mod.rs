@@ -242,7 +242,9 @@ fn describe_progress(age: &Option<Duration>) -> String {
 /// permissions), is a directory this user may safely use, and is writable. An existing
 /// directory owned by us is restricted to 0700; one owned by another user (other than a
 /// root-owned directory not writable by others) is refused, since its owner could tamper with
-/// the lock. The error names every directory tried and why it was refused.
+/// the lock; so is a symbolic link (never followed, its target never chmodded) and a directory
+/// below one another user could replace (`trust::check_dir`). The error names every directory
+/// tried and why it was refused.
 pub fn choose_dir(candidates: &[PathBuf]) -> Result<PathBuf, LockError> {
     let mut tried = Vec::new();
     for dir in candidates {
@@ -258,8 +260,9 @@ fn prepare_dir(dir: &Path) -> Result<(), String> {
     if !dir.is_absolute() {
         return Err("not an absolute path".to_owned());
     }
-    let meta = match std::fs::metadata(dir) {
-        Ok(meta) => meta,
+    // Not `metadata`: a link is refused below, never followed (nor its target chmodded).
+    match std::fs::symlink_metadata(dir) {
+        Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             if let Some(parent) = dir.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| format!("cannot create it: {e}"))?;
@@ -269,13 +272,13 @@ fn prepare_dir(dir: &Path) -> Result<(), String> {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {} // a concurrent start
                 Err(e) => return Err(format!("cannot create it: {e}")),
             }
-            std::fs::metadata(dir).map_err(|e| format!("cannot inspect it: {e}"))?
         }
         Err(e) => return Err(format!("cannot inspect it: {e}")),
-    };
-    if !meta.is_dir() {
-        return Err("exists but is not a directory".to_owned());
     }
+    // Not a link, a directory, owned by us or root, and nobody else can replace it or any
+    // directory above it.
+    crate::trust::check_dir(dir)?;
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("cannot inspect it: {e}"))?;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
     if meta.uid() == me {
@@ -283,11 +286,6 @@ fn prepare_dir(dir: &Path) -> Result<(), String> {
             std::fs::set_permissions(dir, Permissions::from_mode(0o700))
                 .map_err(|e| format!("cannot restrict it to mode 0700: {e}"))?;
         }
-    } else if meta.uid() != 0 {
-        return Err(format!(
-            "owned by uid {}, not by this user (uid {me})",
-            meta.uid()
-        ));
     } else if meta.mode() & 0o022 != 0 {
         return Err("owned by root and writable by other users".to_owned());
     }
@@ -366,6 +364,7 @@ fn acquire_with(
         .create(true)
         .truncate(false)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .map_err(io_err)?;
     if try_lock(&file, &path)? {

@@ -311,3 +311,67 @@ fn foreign_owned_legacy_checkout_is_refused_unless_allowed() {
         agent.log()
     );
 }
+
+/// Item 1: a state or runtime directory that is a symbolic link, or below a directory other
+/// users can write to (no sticky bit), or owned by another user, is refused with exit 73 naming
+/// the path and the reason; the link's target is never chmodded nor written into.
+#[test]
+fn state_and_runtime_dirs_reached_through_links_or_writable_parents_are_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
+    for which in ["NIXFLEET_STATE_DIR", "NIXFLEET_RUNTIME_DIR"] {
+        // A link to a directory someone else chose.
+        let mut h = Harness::new();
+        let victim = h.tmp.path().join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let link = h.tmp.path().join("link");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        h.set(which, link.display().to_string());
+        let (code, log) = h.run_to_exit(&[], T);
+        assert_eq!(code, Some(73), "{which} link: {log}");
+        assert!(
+            log.contains(&format!("{}: it is a symbolic link", link.display())),
+            "{which}: {log}"
+        );
+        assert_eq!(
+            mode(&victim),
+            0o755,
+            "{which}: the link's target was chmodded"
+        );
+        assert_eq!(
+            std::fs::read_dir(&victim).unwrap().count(),
+            0,
+            "{which}: the agent wrote into the link's target"
+        );
+
+        // Below a directory anyone can write to, without the sticky bit.
+        let mut h = Harness::new();
+        let open = h.tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let dir = open.join("nixfleet");
+        h.set(which, dir.display().to_string());
+        let (code, log) = h.run_to_exit(&[], T);
+        assert_eq!(code, Some(73), "{which} below 0777: {log}");
+        assert!(
+            log.contains(&format!(
+                "{} above it is writable by other users",
+                open.display()
+            )),
+            "{which}: {log}"
+        );
+
+        // Owned by another user.
+        if is_root() {
+            let mut h = Harness::new();
+            let theirs = h.tmp.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            h.set(which, theirs.display().to_string());
+            let (code, log) = h.run_to_exit(&[], T);
+            assert_eq!(code, Some(73), "{which} foreign: {log}");
+            assert!(log.contains("owned by uid 65534"), "{which}: {log}");
+        }
+    }
+}

@@ -375,3 +375,185 @@ fn state_and_runtime_dirs_reached_through_links_or_writable_parents_are_refused(
         }
     }
 }
+
+/// Item 9: a correct pin does not make an untrusted chain acceptable: without the CA the pin
+/// alone is refused, and the dashboard never sees a request (so never the token).
+#[test]
+fn correct_pin_with_an_untrusted_chain_still_fails() {
+    let mut h = Harness::with_options(Options {
+        tls: true,
+        ..Options::default()
+    });
+    h.unset("NIXFLEET_ALLOW_INSECURE_HTTP");
+    h.set("NIXFLEET_URL", h.dash.url());
+    h.set(
+        "NIXFLEET_PINNED_PUBKEY",
+        format!("sha256//{}", h.dash.spki_sha256_base64().unwrap()),
+    );
+    let agent = h.spawn();
+    assert!(
+        agent.wait_log(T, "dashboard unreachable"),
+        "{}",
+        agent.log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(h.dash.requests().is_empty(), "{:?}", h.dash.requests());
+    assert!(!agent.log().contains("Agent started"), "{}", agent.log());
+}
+
+/// Item 9: a dashboard answering with a redirect, to plain HTTP or to another host, gets
+/// nothing sent there: the agent never follows a redirect, so the token stays with the
+/// configured dashboard.
+#[test]
+fn redirect_to_plain_http_or_another_host_sends_nothing_there() {
+    let elsewhere_plain =
+        hostile::HostileServer::start(|_| hostile::Reply::json(200, b"{}".to_vec()));
+    let elsewhere_tls =
+        hostile::HostileServer::start_tls(|_| hostile::Reply::json(200, b"{}".to_vec()));
+    for target in [
+        format!(
+            "http://127.0.0.1:{}/api/hosts/{HOST}/register",
+            elsewhere_plain.port()
+        ),
+        format!(
+            "https://localhost:{}/api/hosts/{HOST}/register",
+            elsewhere_tls.port()
+        ),
+    ] {
+        let location = target.clone();
+        let dashboard = hostile::HostileServer::start_tls(move |_| hostile::Reply {
+            status: 307,
+            headers: vec![("Location".into(), location.clone())],
+            body: Vec::new(),
+            trickle: None,
+        });
+        let mut h = Harness::new();
+        let ca = h.tmp.path().join("ca.pem");
+        std::fs::write(&ca, dashboard.ca_pem().unwrap()).unwrap();
+        h.unset("NIXFLEET_ALLOW_INSECURE_HTTP");
+        h.set("NIXFLEET_URL", dashboard.url());
+        h.set("NIXFLEET_CA_FILE", ca.display().to_string());
+        let agent = h.spawn();
+        assert!(
+            wait_until(T, || dashboard.seen().len() >= 3),
+            "{target}: {}",
+            agent.log()
+        );
+        assert!(agent.log().contains("HTTP 307"), "{}", agent.log());
+        let sent = dashboard.seen();
+        assert!(
+            sent.iter()
+                .any(|r| r.headers.iter().any(|(k, _)| k == "authorization")),
+            "the dashboard itself got the token"
+        );
+    }
+    assert_eq!(
+        elsewhere_plain.connections(),
+        0,
+        "something was sent to the plain target"
+    );
+    assert_eq!(
+        elsewhere_tls.connections(),
+        0,
+        "something was sent to the other host"
+    );
+}
+
+/// Datagrams sent to a `NOTIFY_SOCKET`, with their arrival times.
+struct Notify {
+    path: std::path::PathBuf,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(std::time::Instant, String)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Notify {
+    fn bind(dir: &std::path::Path) -> Notify {
+        use std::sync::atomic::Ordering;
+        let path = dir.join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (seen, stop) = (seen.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok(n) = socket.recv(&mut buf) {
+                        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        seen.lock().unwrap().push((std::time::Instant::now(), text));
+                    }
+                }
+            })
+        };
+        Notify {
+            path,
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn watchdogs_since(&self, t: std::time::Instant) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(at, text)| *at >= t && text.lines().any(|l| l == "WATCHDOG=1"))
+            .count()
+    }
+}
+
+impl Drop for Notify {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Item 9: a dashboard that trickles its reply one byte a second is cut at the request
+/// timeout, while the main loop keeps ticking and pinging the watchdog the whole time.
+#[test]
+fn trickling_reply_is_cut_at_the_request_timeout_while_the_watchdog_is_pinged() {
+    let body =
+        br#"{"command": null, "padding": "0123456789012345678901234567890123456789"}"#.to_vec();
+    let server = hostile::HostileServer::start(move |_| hostile::Reply {
+        trickle: Some(Duration::from_secs(1)),
+        ..hostile::Reply::json(200, body.clone())
+    });
+    let mut h = Harness::new();
+    let notify = Notify::bind(h.tmp.path());
+    h.set("NIXFLEET_URL", server.url());
+    h.set("NIXFLEET_HTTP_TIMEOUT", "3");
+    h.set("NOTIFY_SOCKET", notify.path.display().to_string());
+    h.set("WATCHDOG_USEC", "1000000");
+    let started = std::time::Instant::now();
+    let agent = h.spawn();
+    assert!(
+        agent.wait_log(Duration::from_secs(15), "did not answer within 3s"),
+        "{}",
+        agent.log()
+    );
+    let cut_after = started.elapsed();
+    assert!(
+        cut_after < Duration::from_secs(10),
+        "cut only after {cut_after:?} (the body alone takes 70 s)"
+    );
+    let pinged_from = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(4));
+    let pings = notify.watchdogs_since(pinged_from);
+    assert!(
+        pings >= 3,
+        "{pings} watchdog pings in 4 s during trickling replies"
+    );
+    assert!(
+        notify.watchdogs_since(started) >= 6,
+        "pings stopped while the first reply trickled"
+    );
+    assert!(server.seen().len() >= 2, "the agent went on trying");
+}

@@ -22,7 +22,7 @@ pub mod control;
 mod server;
 mod state;
 mod timefmt;
-mod tls;
+pub mod tls;
 pub mod validate;
 
 use std::fmt;

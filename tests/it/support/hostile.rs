@@ -3,7 +3,7 @@
 //! byte at a time) and records what arrived. The fake dashboard is a faithful v1 server; this
 //! one is deliberately not.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{BufRead as _, BufReader, Read as _};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,6 +43,7 @@ type Handler = dyn Fn(&Seen) -> Reply + Send + Sync;
 
 pub struct HostileServer {
     port: u16,
+    tls: Option<fake_dashboard::tls::TlsMaterial>,
     seen: Arc<Mutex<Vec<Seen>>>,
     connections: Arc<Mutex<u32>>,
     stop: Arc<AtomicBool>,
@@ -51,6 +52,20 @@ pub struct HostileServer {
 
 impl HostileServer {
     pub fn start(handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> HostileServer {
+        HostileServer::start_with(None, handler)
+    }
+
+    /// The same over HTTPS, with a fresh CA (`ca_pem`) and a certificate for 127.0.0.1 and
+    /// localhost.
+    pub fn start_tls(handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> HostileServer {
+        let tls = fake_dashboard::tls::generate().expect("TLS material");
+        HostileServer::start_with(Some(tls), handler)
+    }
+
+    fn start_with(
+        tls: Option<fake_dashboard::tls::TlsMaterial>,
+        handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+    ) -> HostileServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -59,6 +74,7 @@ impl HostileServer {
         let handler: Arc<Handler> = Arc::new(handler);
         let thread = {
             let (seen, connections, stop) = (seen.clone(), connections.clone(), stop.clone());
+            let config = tls.as_ref().map(|t| t.config.clone());
             std::thread::spawn(move || {
                 for stream in listener.incoming() {
                     if stop.load(Ordering::SeqCst) {
@@ -67,12 +83,26 @@ impl HostileServer {
                     let Ok(stream) = stream else { continue };
                     *connections.lock().unwrap() += 1;
                     let (seen, handler, stop) = (seen.clone(), handler.clone(), stop.clone());
-                    std::thread::spawn(move || serve(stream, &seen, &*handler, &stop));
+                    let config = config.clone();
+                    std::thread::spawn(move || {
+                        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                        match config {
+                            None => serve(stream, &seen, &*handler, &stop),
+                            Some(config) => {
+                                let Ok(conn) = rustls::ServerConnection::new(config) else {
+                                    return;
+                                };
+                                let tls = rustls::StreamOwned::new(conn, stream);
+                                serve(tls, &seen, &*handler, &stop);
+                            }
+                        }
+                    });
                 }
             })
         };
         HostileServer {
             port,
+            tls,
             seen,
             connections,
             stop,
@@ -81,7 +111,13 @@ impl HostileServer {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
+    }
+
+    /// The CA that signed an HTTPS server's certificate.
+    pub fn ca_pem(&self) -> Option<String> {
+        self.tls.as_ref().map(|t| t.ca_pem.clone())
     }
 
     pub fn port(&self) -> u16 {
@@ -108,10 +144,13 @@ impl Drop for HostileServer {
     }
 }
 
-fn serve(stream: TcpStream, seen: &Mutex<Vec<Seen>>, handler: &Handler, stop: &AtomicBool) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut writer = stream;
+fn serve(
+    stream: impl std::io::Read + std::io::Write,
+    seen: &Mutex<Vec<Seen>>,
+    handler: &Handler,
+    stop: &AtomicBool,
+) {
+    let mut reader = BufReader::new(stream);
     {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -161,6 +200,7 @@ fn serve(stream: TcpStream, seen: &Mutex<Vec<Seen>>, handler: &Handler, stop: &A
             "Content-Length: {}\r\nConnection: close\r\n\r\n",
             reply.body.len()
         ));
+        let writer = reader.get_mut();
         if writer.write_all(head.as_bytes()).is_err() {
             return;
         }

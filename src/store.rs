@@ -137,6 +137,29 @@ pub fn quarantine(path: &Path, why: &str) {
     }
 }
 
+/// Like [`quarantine`], but keeps the file in place too (it is rewritten soon by its owner):
+/// the corrupt content goes to `<name>.corrupt-<unix time>` for a human to look at.
+fn quarantine_copy(path: &Path, why: &str) {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut target = path.as_os_str().to_owned();
+    target.push(format!(".corrupt-{stamp}"));
+    let target = PathBuf::from(target);
+    let copied = read_state_file(path).and_then(|bytes| write_atomic(&target, &bytes));
+    match copied {
+        Ok(()) => tracing::error!(
+            file = %path.display(),
+            copied_to = %target.display(),
+            "state file is corrupt ({why}); kept a copy and ignoring that part"
+        ),
+        Err(e) => tracing::error!(
+            file = %path.display(),
+            "state file is corrupt ({why}) and no copy could be kept: {e}"
+        ),
+    }
+}
+
 /// The command journal: which command is running and in which step, written before its first
 /// child starts, so that whichever agent instance comes next can report it as interrupted.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -209,6 +232,17 @@ impl Journal {
                 Ok(file) if file.version == 1 => {
                     journal.last_id = file.last_id;
                     left.running = file.running;
+                    // A detached switch whose paths are not the agent's own form is never
+                    // waited for, read or cleaned up: the file is kept aside for a human and
+                    // the command is reported as interrupted instead.
+                    let state_dir = path.parent().unwrap_or(Path::new("/"));
+                    if let Some(entry) = &mut left.running
+                        && let Some(detached) = &entry.detached
+                        && let Err(why) = crate::detach::check_detached(detached, state_dir)
+                    {
+                        quarantine_copy(&path, &format!("journal entry {}: {why}", entry.id));
+                        entry.detached = None;
+                    }
                     // Kept, so clearing the queue after the restart's notices is persisted.
                     journal.queued.clone_from(&file.queued);
                     journal.held.clone_from(&file.held);

@@ -557,3 +557,64 @@ fn trickling_reply_is_cut_at_the_request_timeout_while_the_watchdog_is_pinged() 
     );
     assert!(server.seen().len() >= 2, "the agent went on trying");
 }
+
+/// Item 2: a journal whose detached switch points outside `<state>/switch/` (or names a unit
+/// that reads as an option) is treated as corrupt: a copy is kept and logged, the command is
+/// reported as interrupted, and the named files are never read, deleted or passed to a command.
+#[test]
+fn journal_pointing_outside_the_state_dir_is_quarantined_never_followed() {
+    let h = Harness::new();
+    std::fs::create_dir_all(h.state_dir.join("switch")).unwrap();
+    let victim = h.tmp.path().join("victim.json");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let victim_pid = h.tmp.path().join("victim.json.pid");
+    std::fs::write(&victim_pid, "1\n").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let journal = serde_json::json!({
+        "version": 1,
+        "last_id": 7,
+        "running": {
+            "id": 7,
+            "command": "switch",
+            "step": "Switch",
+            "started_unix": now,
+            "detached": {
+                "unit": "--help",
+                "pid": null,
+                "result_file": victim,
+                "deadline_unix": now + 600,
+            },
+        },
+        "queued": [],
+    });
+    std::fs::write(h.state_dir.join("journal.json"), journal.to_string()).unwrap();
+    let agent = h.spawn();
+    assert!(
+        h.wait_status(T, "was interrupted"),
+        "{:?}\n{}",
+        h.statuses(),
+        agent.log()
+    );
+    assert!(h.wait_status(T, "Agent started"), "{}", agent.log());
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert!(
+        victim_pid.exists(),
+        "a sibling of the named file was deleted"
+    );
+    assert!(
+        agent.log().contains("is not inside"),
+        "the reason is logged: {}",
+        agent.log()
+    );
+    let copies: Vec<_> = std::fs::read_dir(&h.state_dir)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            name.starts_with("journal.json.corrupt-").then_some(name)
+        })
+        .collect();
+    assert_eq!(copies.len(), 1, "a copy is kept for a human");
+}

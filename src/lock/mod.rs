@@ -10,8 +10,10 @@
 //! When the lock is busy, the holder's freshness decides: a holder whose progress file (or, if
 //! that is missing or older, the lock file itself) changed within the stall threshold is
 //! running ([`LockError::AlreadyRunning`]). A stale holder is signalled only after verifying that
-//! its pid still belongs to the same process (start time) running this program (executable);
-//! otherwise [`LockError::HeldByUnverified`] and nothing is signalled. Process inspection is
+//! its pid still belongs to the same process (start time), runs this very binary (the same
+//! file by device and inode, never a path from the record) and, on Linux, has `agent.lock`
+//! open; signals then go through a pidfd (Linux) pinned and re-checked after verification.
+//! Otherwise [`LockError::HeldByUnverified`] and nothing is signalled. Process inspection is
 //! platform code in `linux.rs` / `macos.rs`, chosen below; this module does not read config or
 //! decide the threshold.
 
@@ -318,13 +320,21 @@ pub fn acquire(
     stall_threshold: Duration,
     version: &str,
 ) -> Result<InstanceLock, LockError> {
-    let own_exe = platform::exe(std::process::id() as i32).unwrap_or_default();
+    let own_exe = platform::exe_identity(std::process::id() as i32);
+    let lock_path = dir.join(LOCK_FILE);
     acquire_with(
         dir,
         stall_threshold,
         version,
         &Takeover::default(),
-        |holder| verify_holder(holder, &own_exe),
+        |holder| {
+            let own_exe = own_exe
+                .as_ref()
+                .map_err(|e| format!("cannot identify this agent's own executable: {e}"))?;
+            let lock = std::fs::symlink_metadata(&lock_path)
+                .map_err(|e| format!("cannot inspect {}: {e}", lock_path.display()))?;
+            verify_holder(holder, *own_exe, (lock.dev(), lock.ino()))
+        },
     )
 }
 
@@ -429,6 +439,30 @@ fn take_over(
         progress_age_secs = progress_age.map(|a| a.as_secs()),
         "the instance lock is held by a stalled nixfleet-agent; stopping it",
     );
+    // Pinned at once and checked again, so every signal below reaches exactly the verified
+    // process (a pidfd where the OS has one) or, without pidfds, a pid re-checked right before.
+    let pinned = match platform::pin(holder.pid) {
+        Ok(pinned) if is_same_live_process(&holder) => pinned,
+        Ok(_) => {
+            let reason = format!("pid {} changed while it was being verified", holder.pid);
+            return Err(LockError::HeldByUnverified {
+                holder: Some(holder),
+                reason,
+            });
+        }
+        Err(err) if err.raw_os_error() == Some(libc::ESRCH) => None,
+        Err(err) => {
+            let reason = format!("cannot pin pid {}: {err}", holder.pid);
+            return Err(LockError::HeldByUnverified {
+                holder: Some(holder),
+                reason,
+            });
+        }
+    };
+    let signal = |pid: i32, sig: libc::c_int| match &pinned {
+        Some(pinned) => platform::signal_pinned(pinned, sig),
+        None => signal(pid, sig),
+    };
     match signal(holder.pid, libc::SIGTERM) {
         // A SIGSTOPped holder keeps SIGTERM pending; let it run so it can handle it. Checked
         // again first: the pid must still be the verified agent.
@@ -569,9 +603,10 @@ fn read_holder(file: &mut File) -> Option<Holder> {
 }
 
 /// The real check before signalling a holder: its pid is alive, was started at the recorded
-/// time (not a reused pid), and runs this program, either the recorded executable or one with
-/// the same file name as ours (an upgraded agent replacing an older store path).
-fn verify_holder(holder: &Holder, own_exe: &Path) -> Result<(), String> {
+/// time (not a reused pid), runs this very agent binary (the same file, compared by device and
+/// inode through the OS, never by the path in the record), and, on Linux, has the lock file
+/// `lock` open. A record naming any other process is refused, however accurate.
+fn verify_holder(holder: &Holder, own_exe: (u64, u64), lock: (u64, u64)) -> Result<(), String> {
     let pid = holder.pid;
     let info = platform::proc_info(pid)
         .map_err(|e| format!("cannot inspect pid {pid}: {e}"))?
@@ -587,17 +622,21 @@ fn verify_holder(holder: &Holder, own_exe: &Path) -> Result<(), String> {
             "pid {pid} has exited, so another process holds the lock"
         ));
     }
-    let exe =
-        platform::exe(pid).map_err(|e| format!("cannot read the executable of pid {pid}: {e}"))?;
-    let same_name = exe.file_name().is_some() && exe.file_name() == own_exe.file_name();
-    if exe == holder.exe || same_name {
-        Ok(())
-    } else {
-        Err(format!(
-            "pid {pid} runs {}, which is neither the recorded {} nor this program",
-            exe.display(),
-            holder.exe.display()
-        ))
+    let exe = platform::exe_identity(pid)
+        .map_err(|e| format!("cannot identify the executable of pid {pid}: {e}"))?;
+    if exe != own_exe {
+        let path = platform::exe(pid).unwrap_or_default();
+        return Err(format!(
+            "pid {pid} runs {}, which is not this agent's executable (another file)",
+            path.display()
+        ));
+    }
+    match platform::holds_open(pid, lock) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!(
+            "pid {pid} does not have the lock file open, so it is not the holder"
+        )),
+        Err(e) => Err(format!("cannot list the open files of pid {pid}: {e}")),
     }
 }
 
@@ -926,7 +965,7 @@ mod tests {
         make_stale(dir.path());
         let err = acquire(dir.path(), THRESHOLD, "1.0").unwrap_err();
         assert!(
-            matches!(&err, LockError::HeldByUnverified { reason, .. } if reason.contains("neither the recorded")),
+            matches!(&err, LockError::HeldByUnverified { reason, .. } if reason.contains("not this agent's executable")),
             "{err:?}"
         );
 
@@ -1010,29 +1049,92 @@ mod tests {
         assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
     }
 
+    fn own_identity() -> (u64, u64) {
+        platform::exe_identity(std::process::id() as i32).unwrap()
+    }
+
     #[test]
     fn verifier_accepts_this_process_and_rejects_mismatches() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = acquire(dir.path(), THRESHOLD, "test").unwrap();
+        let meta = std::fs::metadata(lock.path()).unwrap();
+        let lock_id = (meta.dev(), meta.ino());
         let me = Holder::current("test").unwrap();
-        let exe = own_exe();
-        assert_eq!(verify_holder(&me, &exe), Ok(()));
+        assert_eq!(verify_holder(&me, own_identity(), lock_id), Ok(()));
 
         let reused = Holder {
             start_time: me.start_time + 1,
             ..me.clone()
         };
-        let reason = verify_holder(&reused, &exe).unwrap_err();
+        let reason = verify_holder(&reused, own_identity(), lock_id).unwrap_err();
         assert!(reason.contains("the pid was reused"), "{reason}");
 
-        let other_program = Holder {
+        // The path in the record does not matter, the running file does.
+        let other_path = Holder {
             exe: PathBuf::from("/nonexistent/other-program"),
             ..me.clone()
         };
-        assert!(
-            verify_holder(&other_program, &exe).is_ok(),
-            "same file name as ours"
+        assert_eq!(verify_holder(&other_path, own_identity(), lock_id), Ok(()));
+        let (dev, ino) = own_identity();
+        let reason = verify_holder(&me, (dev, ino + 1), lock_id).unwrap_err();
+        assert!(reason.contains("not this agent's executable"), "{reason}");
+        if cfg!(target_os = "linux") {
+            let reason =
+                verify_holder(&me, own_identity(), (lock_id.0, lock_id.1 + 1)).unwrap_err();
+            assert!(
+                reason.contains("does not have the lock file open"),
+                "{reason}"
+            );
+        }
+    }
+
+    /// Issue 10, item 3: a record naming an unrelated process with its exact pid, start time
+    /// and executable path is refused, and that process is left alone.
+    #[test]
+    fn accurate_record_of_another_program_is_never_signalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let _helper = spawn_holder(&dir.path().join(LOCK_FILE), false);
+        let mut sleep = HelperProcess(
+            Command::new("sleep")
+                .arg("30")
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap(),
         );
-        let reason = verify_holder(&other_program, Path::new("/x/another-name")).unwrap_err();
-        assert!(reason.contains("neither the recorded"), "{reason}");
+        let record = record_for(sleep.pid(), "0.9");
+        assert!(record.exe.ends_with("sleep"), "{record:?}");
+        write_record(dir.path(), &record);
+        make_stale(dir.path());
+        let err = acquire(dir.path(), THRESHOLD, "1.0").unwrap_err();
+        assert!(
+            matches!(&err, LockError::HeldByUnverified { reason, .. } if reason.contains("not this agent's executable")),
+            "{err:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(sleep.0.try_wait().unwrap().is_none(), "sleep was signalled");
+    }
+
+    /// Issue 10, item 3 (Linux): another instance of this very binary that does not hold the
+    /// lock file open is not the holder, and is never signalled.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn agent_binary_not_holding_the_lock_is_never_signalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let _holder = spawn_holder(&dir.path().join(LOCK_FILE), false);
+        let other_dir = tempfile::tempdir().unwrap();
+        let mut bystander = spawn_holder(&other_dir.path().join(LOCK_FILE), false);
+        write_record(dir.path(), &record_for(bystander.pid(), "0.9"));
+        make_stale(dir.path());
+        let err = acquire(dir.path(), THRESHOLD, "1.0").unwrap_err();
+        assert!(
+            matches!(&err, LockError::HeldByUnverified { reason, .. } if reason.contains("does not have the lock file open")),
+            "{err:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            bystander.0.try_wait().unwrap().is_none(),
+            "the bystander was signalled"
+        );
     }
 
     #[test]

@@ -1611,3 +1611,39 @@ mod tests {
         }
     }
 }
+
+/// Issue 10, item 10: property tests over config values.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any value for any setting: validation never panics, and an error names a setting.
+        #[test]
+        fn any_value_for_any_setting_validates_or_names_a_setting(
+            which in 0..SETTINGS.len(), value in any::<String>()
+        ) {
+            let name = &SETTINGS[which];
+            let mut env: BTreeMap<&str, String> = BTreeMap::new();
+            env.insert("NIXFLEET_URL", "https://fleet.example.org/".into());
+            env.insert("NIXFLEET_TOKEN", "tok".into());
+            env.insert(name.env, value.clone());
+            let machine = MachineFacts {
+                hostname: "hsb1.example.org".into(),
+                is_nixos: true,
+                is_macos: false,
+            };
+            let result = RawConfig::gather(&FlagValues::default(), &|k| env.get(k).cloned())
+                .and_then(|raw| Settings::from_raw(&raw, &machine));
+            if let Err(e) = result {
+                let names_one = SETTINGS
+                    .iter()
+                    .any(|s| e.message.contains(s.key) || e.message.contains(s.env));
+                prop_assert!(names_one, "{}: {}", name.env, e.message);
+            }
+        }
+    }
+}

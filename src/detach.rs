@@ -955,3 +955,51 @@ mod tests {
         assert_eq!(user_manager_uid(""), None);
     }
 }
+
+/// Issue 10, item 10: property tests over the switch result file and detached records.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn any_result_file_reads_or_errs(bytes in prop::collection::vec(any::<u8>(), 0..4096)) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("1-2.json");
+            std::fs::write(&path, &bytes).unwrap();
+            prop_assert!(read_result(&path).is_some());
+        }
+
+        #[test]
+        fn only_the_agents_own_form_passes(name in any::<String>(), unit in proptest::option::of(any::<String>())) {
+            let state = Path::new("/var/lib/nixfleet-agent");
+            let detached = Detached {
+                unit,
+                user_manager: false,
+                pid: None,
+                result_file: state.join("switch").join(&name),
+                deadline_unix: 0,
+                max_runtime_secs: None,
+            };
+            if check_detached(&detached, state).is_ok() {
+                let id = name.strip_suffix(".json").unwrap();
+                prop_assert!(is_switch_id(id));
+                let want = format!("nixfleet-switch-{id}");
+                prop_assert!(detached.unit.is_none_or(|u| u == want));
+            }
+        }
+
+        #[test]
+        fn any_env_file_reads(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("x.env");
+            std::fs::write(&path, &bytes).unwrap();
+            let env = take_env_file(&path).unwrap();
+            prop_assert!(env.iter().all(|(k, _)| !k.is_empty()));
+            prop_assert!(!path.exists());
+        }
+    }
+}

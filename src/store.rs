@@ -545,3 +545,58 @@ mod tests {
         assert_eq!(leftovers.len(), 1, "{leftovers:?}");
     }
 }
+
+/// Issue 10, item 10: property tests over state files and token files.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Any bytes in journal.json: loading never panics; what cannot be used is moved aside.
+        #[test]
+        fn any_journal_file_loads_or_is_quarantined(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("journal.json");
+            fs::write(&path, &bytes).unwrap();
+            let (_journal, left) = Journal::load(path.clone());
+            if let Some(entry) = left.running
+                && let Some(detached) = entry.detached
+            {
+                prop_assert!(crate::detach::check_detached(&detached, dir.path()).is_ok());
+            }
+        }
+
+        /// Journal-shaped JSON with arbitrary detached paths and units: nothing outside the
+        /// agent's own form survives loading.
+        #[test]
+        fn any_detached_record_outside_the_form_is_dropped(
+            file in any::<String>(), unit in proptest::option::of(any::<String>()), pid in any::<Option<u32>>()
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("journal.json");
+            let journal = serde_json::json!({
+                "version": 1, "last_id": 1, "queued": [],
+                "running": {"id": 1, "command": "switch", "step": "Switch", "started_unix": 1,
+                    "detached": {"unit": unit, "pid": pid, "result_file": file, "deadline_unix": 1}},
+            });
+            fs::write(&path, journal.to_string()).unwrap();
+            let (_journal, left) = Journal::load(path);
+            let entry = left.running.expect("the entry itself is kept");
+            if let Some(detached) = entry.detached {
+                prop_assert!(crate::detach::check_detached(&detached, dir.path()).is_ok());
+            }
+        }
+
+        /// Any token cache or token file text: never a panic, never a line break in the token,
+        /// and the token is part of the text.
+        #[test]
+        fn any_token_text_gives_one_clean_line(text in any::<String>()) {
+            let token = parse_token_text(&text);
+            prop_assert!(!token.contains('\n') && !token.contains('\r'));
+            prop_assert!(text.contains(&token));
+        }
+    }
+}

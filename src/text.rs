@@ -135,3 +135,37 @@ mod tests {
         assert_eq!(bounded("ab\n", 3), "ab …(1 more bytes)");
     }
 }
+
+/// Issue 10, item 10: property tests over untrusted input.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever comes in: no control character goes out, the length is bounded, and a
+        /// text short and clean enough comes out unchanged.
+        #[test]
+        fn bounded_escapes_and_caps_anything(text in any::<String>(), max in 0usize..2048) {
+            let out = bounded(&text, max);
+            prop_assert!(!out.chars().any(|c| c.is_control()));
+            prop_assert!(out.len() <= max + " …( more bytes)".len() + 20, "{} > {max}", out.len());
+            let clean = text.chars().all(|c| !needs_escape(c) && c != '\\');
+            if clean && text.len() <= max {
+                prop_assert_eq!(out, text);
+            }
+        }
+
+        #[test]
+        fn redact_url_never_panics_and_hides_passwords(
+            user in "[a-z]{1,8}", pw in "[A-Za-z0-9]{6,12}", rest in any::<String>()
+        ) {
+            let _ = redact_url(&rest);
+            let url = format!("https://{user}:{pw}@host.example/{rest}");
+            let leaked = format!(":{pw}@");
+            prop_assert!(!redact_url(&url).contains(&leaked));
+        }
+    }
+}

@@ -404,3 +404,66 @@ mod tests {
         );
     }
 }
+
+/// Issue 10, item 10: property tests over dashboard replies and error bodies.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Any JSON value, a few levels deep.
+    fn json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<String>().prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(serde_json::Value::Array),
+                prop::collection::btree_map("[a-z]{0,6}|loc|msg|detail", inner, 0..6)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn check_bounded(err: &DashboardError) -> Result<(), TestCaseError> {
+        let text = err.to_string();
+        prop_assert!(
+            text.len() <= 2 * crate::text::LOG_TEXT_MAX,
+            "{}",
+            text.len()
+        );
+        prop_assert!(!text.contains('\n') && !text.contains('\r'), "{text}");
+        if let DashboardError::Validation { details } = err {
+            prop_assert!(details.len() <= MAX_VALIDATION_DETAILS + 1);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_error_body_gives_a_bounded_error(
+            status in 400u16..600, body in prop::collection::vec(any::<u8>(), 0..4096)
+        ) {
+            let err = error_for(StatusCode::from_u16(status).unwrap(), &body);
+            check_bounded(&err)?;
+        }
+
+        #[test]
+        fn any_json_detail_gives_a_bounded_error(status in 400u16..600, detail in json()) {
+            let body = serde_json::to_vec(&serde_json::json!({ "detail": detail })).unwrap();
+            let err = error_for(StatusCode::from_u16(status).unwrap(), &body);
+            check_bounded(&err)?;
+        }
+
+        #[test]
+        fn any_reply_body_parses_or_errs(body in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = serde_json::from_slice::<RegisterReplyWire>(&body);
+            let _ = serde_json::from_slice::<AnyReplyWire>(&body);
+        }
+    }
+}

@@ -1156,3 +1156,30 @@ mod tests {
         );
     }
 }
+
+/// Issue 10, item 10: property tests over the lock record.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_lock_record_parses_or_is_none(record in any::<String>()) {
+            if let Some(holder) = Holder::parse(&record) {
+                let _ = holder.to_string();
+            }
+        }
+
+        #[test]
+        fn holder_records_round_trip(
+            pid in any::<i32>(), start_time in any::<u64>(), started_at_unix in any::<u64>(),
+            exe in "[^\n\r\u{0}]{0,40}", version in "[^\n\r]{0,20}"
+        ) {
+            let holder = Holder { pid, start_time, started_at_unix, exe: PathBuf::from(exe), version };
+            prop_assert_eq!(Holder::parse(&holder.to_record()), Some(holder));
+        }
+    }
+}

@@ -111,7 +111,7 @@ fn check_ancestor(dir: &Path) -> Result<(), String> {
             meta.uid()
         ));
     }
-    let sticky = meta.mode() & libc::S_ISVTX as u32 != 0;
+    let sticky = meta.mode() & 0o1000 != 0; // S_ISVTX (a u16 on macOS)
     if meta.mode() & 0o022 != 0 && !sticky {
         return Err(format!(
             "{} above it is writable by other users (mode {:o}, no sticky bit), who could \

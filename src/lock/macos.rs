@@ -50,7 +50,7 @@ pub(super) fn exe(pid: i32) -> io::Result<PathBuf> {
 /// The (device, inode) of the file `pid` executes (from `proc_pidpath`, the kernel's own path).
 pub(super) fn exe_identity(pid: i32) -> io::Result<(u64, u64)> {
     let meta = std::fs::metadata(exe(pid)?)?;
-    Ok((meta.dev() as u64, meta.ino()))
+    Ok((meta.dev(), meta.ino()))
 }
 
 /// macOS has no cheap way to list another process's open files without libproc's fd calls;
@@ -59,13 +59,13 @@ pub(super) fn holds_open(_pid: i32, _file: (u64, u64)) -> io::Result<bool> {
     Ok(true)
 }
 
-/// macOS has no pidfds: signals go by pid, right after a start-time re-check.
-pub(super) struct Pinned;
+/// macOS has no pidfds: signals go by pid, right after a start-time re-check. Uninhabited.
+pub(super) enum Pinned {}
 
 pub(super) fn pin(_pid: i32) -> io::Result<Option<Pinned>> {
     Ok(None)
 }
 
-pub(super) fn signal_pinned(_pinned: &Pinned, _sig: libc::c_int) -> io::Result<()> {
-    Err(io::Error::other("no pidfds on macOS"))
+pub(super) fn signal_pinned(pinned: &Pinned, _sig: libc::c_int) -> io::Result<()> {
+    match *pinned {}
 }

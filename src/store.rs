@@ -5,7 +5,9 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write as _};
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{
+    DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+};
 use std::path::{Path, PathBuf};
 
 use crate::config::{Secret, parse_token_text};
@@ -25,8 +27,8 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
 pub const STATE_FILE_MAX: usize = 64 * 1024 * 1024;
 
 /// Reads a state file without following a symbolic link (`O_NOFOLLOW`) and only if it is a
-/// regular file of at most [`STATE_FILE_MAX`] bytes; anything else is an error, which callers
-/// treat like a corrupt file. The directory is private (`lock::choose_dir`), so this is
+/// regular file of at most [`STATE_FILE_MAX`] bytes, owned by this user and not writable by
+/// group or others; anything else is an error, which callers treat like a corrupt file. The directory is private (`lock::choose_dir`), so this is
 /// defence in depth.
 pub fn read_state_file(path: &Path) -> io::Result<Vec<u8>> {
     use std::io::Read as _;
@@ -34,8 +36,22 @@ pub fn read_state_file(path: &Path) -> io::Result<Vec<u8>> {
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)?;
-    if !file.metadata()?.file_type().is_file() {
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
         return Err(io::Error::other("not a regular file"));
+    }
+    // Someone else's file, or one others could have written, is not the agent's record.
+    if meta.uid() != crate::trust::euid() {
+        return Err(io::Error::other(format!(
+            "owned by uid {}, not by this user",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(io::Error::other(format!(
+            "writable by group or others (mode {:o})",
+            meta.mode() & 0o7777
+        )));
     }
     let mut bytes = Vec::new();
     file.take(STATE_FILE_MAX as u64 + 1)
@@ -522,6 +538,28 @@ mod tests {
         fs::remove_file(&path).unwrap();
         std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
         assert!(cache.load().is_err(), "a link to /dev/zero is never read");
+    }
+
+    #[test]
+    fn state_files_others_could_have_written_or_linked_are_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.json");
+        let elsewhere = dir.path().join("elsewhere");
+        fs::write(&elsewhere, b"{}").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &path).unwrap();
+        assert!(read_state_file(&path).is_err(), "a link is never followed");
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, b"{}").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).unwrap();
+        let err = read_state_file(&path).unwrap_err().to_string();
+        assert!(err.contains("writable by group or others"), "{err}");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(read_state_file(&path).unwrap(), b"{}");
+        if crate::trust::euid() == 0 {
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            let err = read_state_file(&path).unwrap_err().to_string();
+            assert!(err.contains("owned by uid 65534"), "{err}");
+        }
     }
 
     #[test]

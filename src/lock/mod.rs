@@ -441,8 +441,8 @@ fn take_over(
     );
     // Pinned at once and checked again, so every signal below reaches exactly the verified
     // process (a pidfd where the OS has one) or, without pidfds, a pid re-checked right before.
-    let pinned = match platform::pin(holder.pid) {
-        Ok(pinned) if is_same_live_process(&holder) => pinned,
+    let (pinned, gone) = match platform::pin(holder.pid) {
+        Ok(pinned) if is_same_live_process(&holder) => (pinned, false),
         Ok(_) => {
             let reason = format!("pid {} changed while it was being verified", holder.pid);
             return Err(LockError::HeldByUnverified {
@@ -450,7 +450,8 @@ fn take_over(
                 reason,
             });
         }
-        Err(err) if err.raw_os_error() == Some(libc::ESRCH) => None,
+        // Gone already: nothing may be signalled by pid now (it could be reused).
+        Err(err) if err.raw_os_error() == Some(libc::ESRCH) => (None, true),
         Err(err) => {
             let reason = format!("cannot pin pid {}: {err}", holder.pid);
             return Err(LockError::HeldByUnverified {
@@ -461,6 +462,7 @@ fn take_over(
     };
     let signal = |pid: i32, sig: libc::c_int| match &pinned {
         Some(pinned) => platform::signal_pinned(pinned, sig),
+        None if gone => Err(io::Error::from_raw_os_error(libc::ESRCH)),
         None => signal(pid, sig),
     };
     match signal(holder.pid, libc::SIGTERM) {

@@ -431,7 +431,6 @@ impl TokenCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt as _;
 
     #[test]
     fn journal_remembers_a_running_command_across_restarts() {

@@ -152,7 +152,8 @@ fn classify_send_error(err: reqwest::Error, timeout_secs: u64) -> DashboardError
     let reason = if reason.contains("Connection refused") {
         "connection refused".to_string()
     } else {
-        reason
+        // A TLS or protocol error can quote what the peer sent (a certificate name).
+        bounded(&reason, MAX_MESSAGE)
     };
     DashboardError::Unreachable(reason)
 }

@@ -147,6 +147,28 @@ pub fn check_checkout_owner(dir: &Path, allow_foreign: bool) -> Result<(), Strin
     Ok(())
 }
 
+/// Opens (creating it 0600 if missing) the file `name` inside `dir` for reading and writing,
+/// `openat`-style: `dir` is opened first without following a link (`O_DIRECTORY`,
+/// `O_NOFOLLOW`), and `name` relative to that handle, again without following a link. So the
+/// file is the one in the directory that was checked, whatever happens to paths meanwhile.
+/// Close-on-exec, so no child ever holds it (nor a lock on it).
+pub fn open_in_dir(dir: &Path, name: &str) -> io::Result<File> {
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode;
+    let handle = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)?;
+    let fd = nix::fcntl::openat(
+        &handle,
+        name,
+        OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::S_IRUSR | Mode::S_IWUSR,
+    )
+    .map_err(io::Error::from)?;
+    Ok(File::from(fd))
+}
+
 /// Whether `path` names nothing outside `dir`: relative, only normal components.
 pub fn is_plain_relative(path: &Path) -> bool {
     !path.as_os_str().is_empty() && path.components().all(|c| matches!(c, Component::Normal(_)))

@@ -19,10 +19,10 @@
 
 use std::ffi::CString;
 use std::fmt;
-use std::fs::{DirBuilder, File, OpenOptions, Permissions, TryLockError};
+use std::fs::{DirBuilder, File, Permissions, TryLockError};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -366,17 +366,10 @@ fn acquire_with(
         path: path.clone(),
         source,
     };
-    // Mode 0600 is only ever narrowed by the umask; O_CLOEXEC is std's default, so children
-    // never inherit (and never keep alive) the lock.
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)
-        .map_err(io_err)?;
+    // Relative to the checked directory's handle, never through a link; mode 0600 is only ever
+    // narrowed by the umask; close-on-exec, so children never inherit (and never keep alive)
+    // the lock.
+    let mut file = crate::trust::open_in_dir(dir, LOCK_FILE).map_err(io_err)?;
     if try_lock(&file, &path)? {
         return locked(file, path, version);
     }
@@ -558,15 +551,7 @@ pub fn lock_state_dir(dir: &Path, version: &str) -> Result<File, LockError> {
         path: path.clone(),
         source,
     };
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)
-        .map_err(io_err)?;
+    let mut file = crate::trust::open_in_dir(dir, STATE_LOCK_FILE).map_err(io_err)?;
     // A predecessor just taken over through its instance lock releases this one as it exits,
     // a moment later: allow for that.
     let deadline = Instant::now() + RELOCK_WAIT;
@@ -672,6 +657,7 @@ fn unix_now() -> u64 {
     reason = "tests start real helper processes directly to observe them"
 )]
 mod tests {
+    use std::fs::OpenOptions;
     use std::io::BufRead;
     use std::os::unix::process::ExitStatusExt;
     use std::process::{Child, Command, Stdio};
@@ -1088,6 +1074,24 @@ mod tests {
                 "{reason}"
             );
         }
+    }
+
+    /// Issue 10, item 1: a lock file that is a link is never followed: nothing is written to
+    /// its target, and the start fails (exit 73 in `cli`).
+    #[test]
+    fn planted_lock_file_link_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious\n").unwrap();
+        let run = dir.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::os::unix::fs::symlink(&victim, run.join(LOCK_FILE)).unwrap();
+        std::os::unix::fs::symlink(&victim, run.join(STATE_LOCK_FILE)).unwrap();
+        let err = acquire(&run, THRESHOLD, "1.0").unwrap_err();
+        assert!(matches!(err, LockError::Io { .. }), "{err:?}");
+        let err = lock_state_dir(&run, "1.0").unwrap_err();
+        assert!(matches!(err, LockError::Io { .. }), "{err:?}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
     }
 
     /// Issue 10, item 3: a record naming an unrelated process with its exact pid, start time

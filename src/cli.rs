@@ -110,7 +110,12 @@ impl Flags {
 
 /// The process entry point; returns the exit code.
 pub fn main() -> std::process::ExitCode {
+    // Before anything reads a secret: no core dumps, not dumpable (see `harden`).
+    let hardened = crate::harden::apply();
     let cli = Cli::parse();
+    if let Err(e) = &hardened {
+        eprintln!("nixfleet-agent: warning: {e}");
+    }
     let code = match cli.command {
         Some(CliCommand::CheckConfig) => check_config(&cli.flags),
         Some(CliCommand::SwitchWrapper {

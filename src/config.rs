@@ -65,10 +65,10 @@ pub struct SettingName {
 }
 
 macro_rules! settings_table {
-    ($( $key:literal => $env:literal $(, $flag:literal)? ;)*) => {
+    ($( $(#[$attr:meta])* $key:literal => $env:literal $(, $flag:literal)? ;)*) => {
         /// Every setting the agent reads. The packaging checks compare module options to this.
         pub const SETTINGS: &[SettingName] = &[
-            $( SettingName { key: $key, env: $env, flag: settings_table!(@flag $($flag)?) }, )*
+            $( $(#[$attr])* SettingName { key: $key, env: $env, flag: settings_table!(@flag $($flag)?) }, )*
         ];
     };
     (@flag) => { None };
@@ -91,6 +91,7 @@ settings_table! {
     "theme_color" => "NIXFLEET_THEME_COLOR";
     "agent_version" => "NIXFLEET_AGENT_VERSION";
     "allow_insecure_http" => "NIXFLEET_ALLOW_INSECURE_HTTP";
+    "allow_foreign_checkout" => "NIXFLEET_ALLOW_FOREIGN_CHECKOUT";
     "ca_file" => "NIXFLEET_CA_FILE";
     "pinned_pubkey" => "NIXFLEET_PINNED_PUBKEY";
     "hostname" => "NIXFLEET_HOSTNAME", "--hostname";
@@ -114,6 +115,9 @@ settings_table! {
     "log" => "NIXFLEET_LOG";
     "queue_limit" => "NIXFLEET_QUEUE_LIMIT";
     "http_timeout" => "NIXFLEET_HTTP_TIMEOUT";
+    // Test builds only (cargo feature `test-hooks`): a shipped binary does not know this
+    // setting, so its key is an unknown-key error and its variable is never read.
+    #[cfg(feature = "test-hooks")]
     "debug_wedge_file" => "NIXFLEET_DEBUG_WEDGE_FILE";
     "metrics_file" => "NIXFLEET_METRICS_FILE";
 }
@@ -124,6 +128,9 @@ fn setting(key: &str) -> &'static SettingName {
         .find(|s| s.key == key)
         .expect("every key used in validation is in SETTINGS")
 }
+
+/// Settings holding a URL, which may carry a secret: never echoed unredacted.
+const URL_KEYS: &[&str] = &["url", "repo_url"];
 
 /// A configuration error: names the setting, where the bad value came from, and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -139,10 +146,17 @@ impl ConfigError {
         }
     }
 
+    /// A URL-valued setting is echoed with its secrets redacted (`text::redact_url`): an
+    /// error message lands in logs and in the Nix build log of the modules' check.
     fn invalid(key: &str, raw: &RawValue, why: &str) -> Self {
+        let shown = if URL_KEYS.contains(&key) {
+            crate::text::redact_url(&raw.value)
+        } else {
+            raw.value.clone()
+        };
         ConfigError::new(format!(
-            "invalid {key} {:?} (from {}): {why}; fix it or unset it to use the default",
-            raw.value, raw.source
+            "invalid {key} {shown:?} (from {}): {why}; fix it or unset it to use the default",
+            raw.source
         ))
     }
 }
@@ -213,7 +227,8 @@ impl RawConfig {
     }
 
     fn merge_file(&mut self, path: &Path) -> Result<(), ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        // At most 64 KiB: a token file pointing at /dev/zero must not grow the agent.
+        let text = read_capped(path, 64 * 1024).map_err(|e| {
             ConfigError::new(format!(
                 "cannot read config file {} (--config): {e}",
                 path.display()
@@ -416,6 +431,9 @@ pub struct Settings {
     /// Which wire protocol `url` speaks: from its scheme, or forced by `NIXFLEET_PROTOCOL`.
     pub protocol: Protocol,
     pub allow_insecure_http: bool,
+    /// Use a legacy checkout owned by a user other than root or the agent's (whose owner can
+    /// then run code as the agent through git hooks and config).
+    pub allow_foreign_checkout: bool,
     pub ca_file: Option<PathBuf>,
     /// SHA-256 digests of acceptable server public keys (curl `--pinnedpubkey sha256//...`).
     pub pinned_pubkeys: Vec<[u8; 32]>,
@@ -448,7 +466,9 @@ pub struct Settings {
     /// Total time for one dashboard request (connect is capped at 5 s within it).
     pub http_timeout: Duration,
     /// Test-only hook: while this file exists the main loop blocks its thread, to prove that
-    /// the watchdog pings stop and the stall monitor fires.
+    /// the watchdog pings stop and the stall monitor fires. Compiled only with the
+    /// `test-hooks` feature (the test build), never into a shipped binary.
+    #[cfg(feature = "test-hooks")]
     pub debug_wedge_file: Option<PathBuf>,
     /// Prometheus text-format metrics for node-exporter's textfile collector, written
     /// atomically; `None` writes none.
@@ -618,7 +638,8 @@ fn parse_pins(raw: &RawValue) -> Result<Vec<[u8; 32]>, ConfigError> {
 }
 
 fn read_token_file(path: &Path, what: &str) -> Result<Secret, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    // At most 64 KiB: a token file pointing at /dev/zero must not grow the agent.
+    let text = read_capped(path, 64 * 1024).map_err(|e| {
         ConfigError::new(format!(
             "cannot read the token from {} ({what}): {e}; check the path and that the agent's \
              user may read it",
@@ -635,6 +656,20 @@ fn read_token_file(path: &Path, what: &str) -> Result<Secret, ConfigError> {
         )));
     }
     Ok(Secret::new(token))
+}
+
+fn read_capped(path: &Path, cap: u64) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(cap + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > cap {
+        return Err(std::io::Error::other(format!(
+            "it is larger than {cap} bytes"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|_| std::io::Error::other("it is not UTF-8 text"))
 }
 
 /// A token file holds the bare token or `NIXFLEET_TOKEN=<token>` (the v1 cache format, which is
@@ -856,6 +891,7 @@ impl Settings {
                         "must be an absolute path",
                     ));
                 }
+                check_repo_url(url)?;
                 RepoMode::Isolated {
                     url: url.value.trim().to_string(),
                     dir,
@@ -1113,6 +1149,10 @@ impl Settings {
             url,
             protocol,
             allow_insecure_http,
+            allow_foreign_checkout: match raw.get("allow_foreign_checkout") {
+                Some(v) => parse_bool("allow_foreign_checkout", v)?,
+                None => false,
+            },
             ca_file,
             pinned_pubkeys,
             token,
@@ -1150,6 +1190,7 @@ impl Settings {
                 Duration::from_millis(100),
                 Duration::from_secs(300),
             )?,
+            #[cfg(feature = "test-hooks")]
             debug_wedge_file: path_setting("debug_wedge_file")?,
             metrics_file: path_setting("metrics_file")?,
         })
@@ -1163,7 +1204,7 @@ impl Settings {
         };
         format!(
             "url = {}\nprotocol = {}\ntoken = {token}\nhostname = {}\nhost_type = {}\nlocation = {}\n\
-             device_type = {}\ninterval = {}\nbackoff_cap = {}\nrepo = {:?}\n\
+             device_type = {}\ninterval = {}\nbackoff_cap = {}\nrepo = {}\n\
              agent_version = {}\ntimeouts = {:?}\nswitch_mode = {:?}\n\
              switch_isolation = {:?}\nstall_timeout = {}\n",
             self.url,
@@ -1174,13 +1215,60 @@ impl Settings {
             self.host.device_type,
             human_duration(self.interval),
             human_duration(self.backoff_cap),
-            self.repo,
+            RepoDescription(&self.repo),
             self.agent_version,
             self.timeouts,
             self.switch_mode,
             self.switch_isolation,
             human_duration(self.stall_timeout),
         )
+    }
+}
+
+/// Refuses a `repo_url` that carries a secret: a password or (in an http(s) URL, where a user
+/// name is usually an access token) any user information, or a query or fragment. git would
+/// echo such a URL in its errors, which reach the log and the dashboard. An `ssh://git@…` or
+/// scp-like `git@host:path` user name is no secret and is accepted.
+fn check_repo_url(raw: &RawValue) -> Result<(), ConfigError> {
+    let value = raw.value.trim();
+    let fix = "it must not carry a password, token or query (git would echo it in errors that \
+               reach the log and the dashboard); use NIXFLEET_SSH_KEY, or a git credential \
+               helper or .netrc for root; fix NIXFLEET_REPO_URL";
+    if value.contains("://") {
+        let Ok(url) = reqwest::Url::parse(value) else {
+            return Err(ConfigError::invalid("repo_url", raw, "not a valid URL"));
+        };
+        let web = matches!(url.scheme(), "http" | "https");
+        if url.password().is_some()
+            || (web && !url.username().is_empty())
+            || url.query().is_some()
+            || url.fragment().is_some()
+        {
+            return Err(ConfigError::invalid("repo_url", raw, fix));
+        }
+    } else if let Some((user, _)) = value.split_once('@')
+        && user.contains(':')
+    {
+        return Err(ConfigError::invalid("repo_url", raw, fix));
+    }
+    Ok(())
+}
+
+/// `check-config`'s view of the repository, its URL redacted all the same.
+struct RepoDescription<'a>(&'a RepoMode);
+
+impl fmt::Display for RepoDescription<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            RepoMode::Legacy { dir } => write!(f, "legacy checkout {}", dir.display()),
+            RepoMode::Isolated { url, dir, branch } => write!(
+                f,
+                "isolated clone of {} (branch {branch}) in {}",
+                crate::text::redact_url(url),
+                dir.display()
+            ),
+            RepoMode::None => f.write_str("none"),
+        }
     }
 }
 
@@ -1480,6 +1568,56 @@ mod tests {
     }
 
     #[test]
+    fn repo_url_with_a_secret_is_refused_and_never_echoed() {
+        for url in [
+            "https://user:s3cret@git.example/r.git",
+            "https://s3cret@git.example/r.git",
+            "https://git.example/r.git?private_token=s3cret",
+            "ssh://git:s3cret@git.example/r.git",
+            "git:s3cret@git.example:org/r.git",
+        ] {
+            let env = with(&[
+                ("NIXFLEET_REPO_URL", url),
+                ("NIXFLEET_REPO_DIR", "/var/lib/x/repo"),
+            ]);
+            let err = settings(&env, &[]).unwrap_err();
+            assert!(err.contains("fix NIXFLEET_REPO_URL"), "{url}: {err}");
+            assert!(
+                !err.contains("s3cret"),
+                "{url}: the secret is echoed: {err}"
+            );
+        }
+        for url in [
+            "git@github.com:org/r.git",
+            "ssh://git@git.example/r.git",
+            "https://git.example/r.git",
+            "/srv/git/r.git",
+        ] {
+            let env = with(&[
+                ("NIXFLEET_REPO_URL", url),
+                ("NIXFLEET_REPO_DIR", "/var/lib/x/repo"),
+            ]);
+            let s = settings(&env, &[]).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert!(
+                s.describe().contains(&format!(
+                    "isolated clone of {} (branch main)",
+                    crate::text::redact_url(url)
+                )),
+                "{}",
+                s.describe()
+            );
+        }
+        // The dashboard URL is never echoed with a secret either, whatever else is wrong.
+        for url in [
+            "http://user:s3cret@fleet.example",
+            "https://fleet.example/?token=s3cret",
+        ] {
+            let err = settings(&with(&[("NIXFLEET_URL", url)]), &[]).unwrap_err();
+            assert!(!err.contains("s3cret"), "{url}: {err}");
+        }
+    }
+
+    #[test]
     fn url_with_credentials_query_or_fragment_is_refused() {
         for url in [
             "https://user:pw@fleet.example.com",
@@ -1489,6 +1627,42 @@ mod tests {
             let err = settings(&with(&[("NIXFLEET_URL", url)]), &[]).unwrap_err();
             assert!(err.contains("NIXFLEET_URL"), "{url}: {err}");
             assert!(!err.contains("pw@"), "the password is not echoed: {err}");
+        }
+    }
+}
+
+/// Issue 10, item 10: property tests over config values.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any value for any setting: validation never panics, and an error names a setting.
+        #[test]
+        fn any_value_for_any_setting_validates_or_names_a_setting(
+            which in 0..SETTINGS.len(), value in any::<String>()
+        ) {
+            let name = &SETTINGS[which];
+            let mut env: BTreeMap<&str, String> = BTreeMap::new();
+            env.insert("NIXFLEET_URL", "https://fleet.example.org/".into());
+            env.insert("NIXFLEET_TOKEN", "tok".into());
+            env.insert(name.env, value.clone());
+            let machine = MachineFacts {
+                hostname: "hsb1.example.org".into(),
+                is_nixos: true,
+                is_macos: false,
+            };
+            let result = RawConfig::gather(&FlagValues::default(), &|k| env.get(k).cloned())
+                .and_then(|raw| Settings::from_raw(&raw, &machine));
+            if let Err(e) = result {
+                let names_one = SETTINGS
+                    .iter()
+                    .any(|s| e.message.contains(s.key) || e.message.contains(s.env));
+                prop_assert!(names_one, "{}: {}", name.env, e.message);
+            }
         }
     }
 }

@@ -380,9 +380,61 @@ pub fn clean_up(detached: &Detached) {
     let _ = std::fs::remove_file(env_file_for(&detached.result_file));
 }
 
-/// Reads a result file; `None` while it does not exist yet.
+/// Whether `id` is of the form [`plan`] gives a switch: `<unix seconds>-<pid>`.
+fn is_switch_id(id: &str) -> bool {
+    let Some((time, pid)) = id.split_once('-') else {
+        return false;
+    };
+    [time, pid]
+        .iter()
+        .all(|part| (1..=20).contains(&part.len()) && part.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Checks a [`Detached`] read back from the journal against the form [`plan`] writes: its
+/// result file is `<state_dir>/switch/<id>.json`, its unit (if any) is
+/// `nixfleet-switch-<id>` with the same id (so it can never be read as an option), and its pid
+/// (if any) a real process id other than init. Anything else is a corrupt (or planted) journal:
+/// its paths must never be read, deleted or passed to a command.
+pub fn check_detached(detached: &Detached, state_dir: &Path) -> Result<(), String> {
+    let file = &detached.result_file;
+    let dir = state_dir.join("switch");
+    let name = file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|_| file.parent() == Some(dir.as_path()))
+        .ok_or_else(|| {
+            format!(
+                "its switch result file {:?} is not inside {}",
+                file,
+                dir.display()
+            )
+        })?;
+    let id = name
+        .strip_suffix(".json")
+        .filter(|id| is_switch_id(id))
+        .ok_or_else(|| format!("its switch result file name {name:?} is not the agent's own"))?;
+    if let Some(unit) = &detached.unit
+        && unit.strip_prefix("nixfleet-switch-") != Some(id)
+    {
+        return Err(format!(
+            "its switch unit {:?} is not nixfleet-switch-{id}",
+            crate::text::bounded(unit, 200)
+        ));
+    }
+    if let Some(pid) = detached.pid
+        && !(2..=i32::MAX as u32).contains(&pid)
+    {
+        return Err(format!(
+            "its switch pid {pid} is not a process the agent started"
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a result file; `None` while it does not exist yet. Not through a link, and at most
+/// `store::STATE_FILE_MAX` bytes (`store::read_state_file`).
 pub fn read_result(path: &Path) -> Option<Result<SwitchResultFile, String>> {
-    match std::fs::read(path) {
+    match crate::store::read_state_file(path) {
         Ok(bytes) => Some(
             serde_json::from_slice::<SwitchResultFile>(&bytes)
                 .map_err(|e| format!("unreadable switch result {}: {e}", path.display())),
@@ -480,9 +532,11 @@ async fn gone_reason(
         };
     }
     let pid = detached.pid.or_else(|| {
-        std::fs::read_to_string(pid_file(&detached.result_file))
+        crate::store::read_state_file(&pid_file(&detached.result_file))
             .ok()
-            .and_then(|p| p.trim().parse().ok())
+            .and_then(|p| String::from_utf8_lossy(&p).trim().parse::<u32>().ok())
+            // Never init, 0 (our own group) or a value that is negative as a pid_t.
+            .filter(|pid| (2..=i32::MAX as u32).contains(pid))
     });
     if pid.is_none() && detached.unit.is_none() && waited >= NEVER_STARTED_AFTER {
         return Some("the switch never started (the agent stopped while launching it)".to_string());
@@ -637,6 +691,80 @@ impl PipeCode for Exit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn detached_records_are_checked_against_the_agents_own_form() {
+        let state = Path::new("/var/lib/nixfleet-agent");
+        let good = Detached {
+            unit: Some("nixfleet-switch-1700000000-42".into()),
+            user_manager: false,
+            pid: None,
+            result_file: state.join("switch/1700000000-42.json"),
+            deadline_unix: 1,
+            max_runtime_secs: None,
+        };
+        assert_eq!(check_detached(&good, state), Ok(()));
+        let session = Detached {
+            unit: None,
+            pid: Some(4242),
+            ..good.clone()
+        };
+        assert_eq!(check_detached(&session, state), Ok(()));
+        for (bad, why) in [
+            (
+                Detached {
+                    result_file: "/etc/shadow".into(),
+                    ..good.clone()
+                },
+                "not inside",
+            ),
+            (
+                Detached {
+                    result_file: state.join("switch/../../../etc/passwd.json"),
+                    ..good.clone()
+                },
+                "not inside",
+            ),
+            (
+                Detached {
+                    result_file: state.join("switch/journal.json"),
+                    ..good.clone()
+                },
+                "not the agent's own",
+            ),
+            (
+                Detached {
+                    unit: Some("--help".into()),
+                    ..good.clone()
+                },
+                "is not nixfleet-switch-1700000000-42",
+            ),
+            (
+                Detached {
+                    unit: Some("nixfleet-switch-1700000000-43".into()),
+                    ..good.clone()
+                },
+                "is not nixfleet-switch-1700000000-42",
+            ),
+            (
+                Detached {
+                    pid: Some(1),
+                    ..session.clone()
+                },
+                "pid 1",
+            ),
+            (
+                Detached {
+                    pid: Some(u32::MAX),
+                    ..session.clone()
+                },
+                "is not a process",
+            ),
+        ] {
+            let err = check_detached(&bad, state).unwrap_err();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+    }
     use std::os::unix::fs::MetadataExt as _;
 
     #[test]
@@ -825,5 +953,53 @@ mod tests {
             "only the systemd hierarchy counts"
         );
         assert_eq!(user_manager_uid(""), None);
+    }
+}
+
+/// Issue 10, item 10: property tests over the switch result file and detached records.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn any_result_file_reads_or_errs(bytes in prop::collection::vec(any::<u8>(), 0..4096)) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("1-2.json");
+            std::fs::write(&path, &bytes).unwrap();
+            prop_assert!(read_result(&path).is_some());
+        }
+
+        #[test]
+        fn only_the_agents_own_form_passes(name in any::<String>(), unit in proptest::option::of(any::<String>())) {
+            let state = Path::new("/var/lib/nixfleet-agent");
+            let detached = Detached {
+                unit,
+                user_manager: false,
+                pid: None,
+                result_file: state.join("switch").join(&name),
+                deadline_unix: 0,
+                max_runtime_secs: None,
+            };
+            if check_detached(&detached, state).is_ok() {
+                let id = name.strip_suffix(".json").unwrap();
+                prop_assert!(is_switch_id(id));
+                let want = format!("nixfleet-switch-{id}");
+                prop_assert!(detached.unit.is_none_or(|u| u == want));
+            }
+        }
+
+        #[test]
+        fn any_env_file_reads(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("x.env");
+            std::fs::write(&path, &bytes).unwrap();
+            let env = take_env_file(&path).unwrap();
+            prop_assert!(env.iter().all(|(k, _)| !k.is_empty()));
+            prop_assert!(!path.exists());
+        }
     }
 }

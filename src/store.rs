@@ -5,7 +5,9 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write as _};
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{
+    DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+};
 use std::path::{Path, PathBuf};
 
 use crate::config::{Secret, parse_token_text};
@@ -19,6 +21,47 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
+}
+
+/// Largest state file read back (the outbox holds capped reports; this is far above it).
+pub const STATE_FILE_MAX: usize = 64 * 1024 * 1024;
+
+/// Reads a state file without following a symbolic link (`O_NOFOLLOW`) and only if it is a
+/// regular file of at most [`STATE_FILE_MAX`] bytes, owned by this user and not writable by
+/// group or others; anything else is an error, which callers treat like a corrupt file. The directory is private (`lock::choose_dir`), so this is
+/// defence in depth.
+pub fn read_state_file(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    // Someone else's file, or one others could have written, is not the agent's record.
+    if meta.uid() != crate::trust::euid() {
+        return Err(io::Error::other(format!(
+            "owned by uid {}, not by this user",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(io::Error::other(format!(
+            "writable by group or others (mode {:o})",
+            meta.mode() & 0o7777
+        )));
+    }
+    let mut bytes = Vec::new();
+    file.take(STATE_FILE_MAX as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() > STATE_FILE_MAX {
+        return Err(io::Error::other(format!(
+            "larger than {STATE_FILE_MAX} bytes"
+        )));
+    }
+    Ok(bytes)
 }
 
 /// How many random temp names [`write_atomic`] tries before giving up.
@@ -110,6 +153,29 @@ pub fn quarantine(path: &Path, why: &str) {
     }
 }
 
+/// Like [`quarantine`], but keeps the file in place too (it is rewritten soon by its owner):
+/// the corrupt content goes to `<name>.corrupt-<unix time>` for a human to look at.
+fn quarantine_copy(path: &Path, why: &str) {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut target = path.as_os_str().to_owned();
+    target.push(format!(".corrupt-{stamp}"));
+    let target = PathBuf::from(target);
+    let copied = read_state_file(path).and_then(|bytes| write_atomic(&target, &bytes));
+    match copied {
+        Ok(()) => tracing::error!(
+            file = %path.display(),
+            copied_to = %target.display(),
+            "state file is corrupt ({why}); kept a copy and ignoring that part"
+        ),
+        Err(e) => tracing::error!(
+            file = %path.display(),
+            "state file is corrupt ({why}) and no copy could be kept: {e}"
+        ),
+    }
+}
+
 /// The command journal: which command is running and in which step, written before its first
 /// child starts, so that whichever agent instance comes next can report it as interrupted.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -177,11 +243,22 @@ impl Journal {
             held: Vec::new(),
         };
         let mut left = Left::default();
-        match fs::read(&path) {
+        match read_state_file(&path) {
             Ok(bytes) => match serde_json::from_slice::<JournalFile>(&bytes) {
                 Ok(file) if file.version == 1 => {
                     journal.last_id = file.last_id;
                     left.running = file.running;
+                    // A detached switch whose paths are not the agent's own form is never
+                    // waited for, read or cleaned up: the file is kept aside for a human and
+                    // the command is reported as interrupted instead.
+                    let state_dir = path.parent().unwrap_or(Path::new("/"));
+                    if let Some(entry) = &mut left.running
+                        && let Some(detached) = &entry.detached
+                        && let Err(why) = crate::detach::check_detached(detached, state_dir)
+                    {
+                        quarantine_copy(&path, &format!("journal entry {}: {why}", entry.id));
+                        entry.detached = None;
+                    }
                     // Kept, so clearing the queue after the restart's notices is persisted.
                     journal.queued.clone_from(&file.queued);
                     journal.held.clone_from(&file.held);
@@ -310,6 +387,9 @@ impl Journal {
     }
 }
 
+/// Largest token cache read (a token is a few dozen bytes).
+const TOKEN_CACHE_MAX: usize = 64 * 1024;
+
 /// The per-host token cache.
 #[derive(Clone, Debug)]
 pub struct TokenCache {
@@ -325,11 +405,14 @@ impl TokenCache {
         &self.path
     }
 
-    /// The cached token, if the file exists and holds one.
+    /// The cached token, if the file exists and holds one. A cache that is a symbolic link,
+    /// not a regular file, owned by another user, readable or writable by group or others, or
+    /// over 64 KiB is refused with the reason (the caller falls back to the configured token):
+    /// someone else could have planted or read it.
     pub fn load(&self) -> io::Result<Option<Secret>> {
-        match fs::read_to_string(&self.path) {
-            Ok(text) => {
-                let token = parse_token_text(&text);
+        match crate::trust::read_private_file(&self.path, TOKEN_CACHE_MAX) {
+            Ok(bytes) => {
+                let token = parse_token_text(&String::from_utf8_lossy(&bytes));
                 Ok((!token.is_empty()).then(|| Secret::new(token)))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -348,7 +431,6 @@ impl TokenCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt as _;
 
     #[test]
     fn journal_remembers_a_running_command_across_restarts() {
@@ -426,6 +508,60 @@ mod tests {
     }
 
     #[test]
+    fn token_cache_that_others_could_plant_or_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let cache = TokenCache::new(path.clone());
+        let elsewhere = dir.path().join("elsewhere");
+        fs::write(&elsewhere, "NIXFLEET_TOKEN=planted\n").unwrap();
+        fs::set_permissions(&elsewhere, fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &path).unwrap();
+        let err = cache.load().unwrap_err().to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, "NIXFLEET_TOKEN=readable\n").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = cache.load().unwrap_err().to_string();
+        assert!(err.contains("mode 644"), "{err}");
+
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        if crate::trust::euid() == 0 {
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            let err = cache.load().unwrap_err().to_string();
+            assert!(err.contains("owned by uid 65534"), "{err}");
+            std::os::unix::fs::chown(&path, Some(0), None).unwrap();
+        }
+        assert_eq!(cache.load().unwrap(), Some(Secret::new("readable")));
+
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+        assert!(cache.load().is_err(), "a link to /dev/zero is never read");
+    }
+
+    #[test]
+    fn state_files_others_could_have_written_or_linked_are_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.json");
+        let elsewhere = dir.path().join("elsewhere");
+        fs::write(&elsewhere, b"{}").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &path).unwrap();
+        assert!(read_state_file(&path).is_err(), "a link is never followed");
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, b"{}").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).unwrap();
+        let err = read_state_file(&path).unwrap_err().to_string();
+        assert!(err.contains("writable by group or others"), "{err}");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(read_state_file(&path).unwrap(), b"{}");
+        if crate::trust::euid() == 0 {
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            let err = read_state_file(&path).unwrap_err().to_string();
+            assert!(err.contains("owned by uid 65534"), "{err}");
+        }
+    }
+
+    #[test]
     fn token_cache_round_trip_is_private() {
         let dir = tempfile::tempdir().unwrap();
         let cache = TokenCache::new(dir.path().join("state/token"));
@@ -444,5 +580,60 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+    }
+}
+
+/// Issue 10, item 10: property tests over state files and token files.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Any bytes in journal.json: loading never panics; what cannot be used is moved aside.
+        #[test]
+        fn any_journal_file_loads_or_is_quarantined(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("journal.json");
+            fs::write(&path, &bytes).unwrap();
+            let (_journal, left) = Journal::load(path.clone());
+            if let Some(entry) = left.running
+                && let Some(detached) = entry.detached
+            {
+                prop_assert!(crate::detach::check_detached(&detached, dir.path()).is_ok());
+            }
+        }
+
+        /// Journal-shaped JSON with arbitrary detached paths and units: nothing outside the
+        /// agent's own form survives loading.
+        #[test]
+        fn any_detached_record_outside_the_form_is_dropped(
+            file in any::<String>(), unit in proptest::option::of(any::<String>()), pid in any::<Option<u32>>()
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("journal.json");
+            let journal = serde_json::json!({
+                "version": 1, "last_id": 1, "queued": [],
+                "running": {"id": 1, "command": "switch", "step": "Switch", "started_unix": 1,
+                    "detached": {"unit": unit, "pid": pid, "result_file": file, "deadline_unix": 1}},
+            });
+            fs::write(&path, journal.to_string()).unwrap();
+            let (_journal, left) = Journal::load(path);
+            let entry = left.running.expect("the entry itself is kept");
+            if let Some(detached) = entry.detached {
+                prop_assert!(crate::detach::check_detached(&detached, dir.path()).is_ok());
+            }
+        }
+
+        /// Any token cache or token file text: never a panic, never a line break in the token,
+        /// and the token is part of the text.
+        #[test]
+        fn any_token_text_gives_one_clean_line(text in any::<String>()) {
+            let token = parse_token_text(&text);
+            prop_assert!(!token.contains('\n') && !token.contains('\r'));
+            prop_assert!(text.contains(&token));
+        }
     }
 }

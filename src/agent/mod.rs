@@ -518,6 +518,7 @@ impl<L: Link> Agent<L> {
             self.last_beat = Instant::now();
             self.progress.beat();
             self.notifier.watchdog_tick();
+            #[cfg(feature = "test-hooks")]
             self.debug_wedge();
             self.start_next_command();
             self.say_outage_note();
@@ -658,6 +659,7 @@ impl<L: Link> Agent<L> {
     }
 
     /// Test-only hook (`NIXFLEET_DEBUG_WEDGE_FILE`): block this thread while the file exists.
+    #[cfg(feature = "test-hooks")]
     fn debug_wedge(&self) {
         if let Some(file) = &self.settings.debug_wedge_file {
             while file.exists() {
@@ -1243,6 +1245,10 @@ impl<L: Link> Agent<L> {
                 );
                 for (field, message) in details {
                     let key = format!("{what}:{field}:{message}");
+                    // Bounded: a dashboard sending new details every time cannot grow it.
+                    if self.logged_422.len() >= 64 {
+                        self.logged_422.clear();
+                    }
                     if self.logged_422.insert(key) {
                         let hint = setting_for_field(field)
                             .map(|s| format!("; check {s}"))

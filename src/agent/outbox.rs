@@ -58,7 +58,7 @@ impl Outbox {
             path: Some(path.clone()),
             ..Outbox::default()
         };
-        match std::fs::read(&path) {
+        match crate::store::read_state_file(&path) {
             Ok(bytes) => match serde_json::from_slice::<OutboxFile>(&bytes) {
                 Ok(file) if file.version == VERSION => {
                     outbox.next_id = file.next_id;
@@ -278,5 +278,24 @@ mod tests {
         }
         assert_eq!(outbox.len(), OUTBOX_LIMIT);
         assert!(outbox.entries.iter().all(|e| !e.report.is_intermediate()));
+    }
+}
+
+/// Issue 10, item 10: property tests over the outbox file.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn any_outbox_file_loads_or_is_quarantined(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("outbox.json");
+            std::fs::write(&path, &bytes).unwrap();
+            let _ = Outbox::load(path);
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! `IdentitiesOnly=yes`, `StrictHostKeyChecking=accept-new` and `BatchMode=yes` (a prompt in a
 //! daemon can only hang). `GIT_TERMINAL_PROMPT=0` for the same reason over https.
 
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -39,6 +40,25 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// Removes what earlier, interrupted clones left: only directories named with `prefix` (our
+/// own staging names) that are real directories owned by this user, never a link.
+fn remove_unfinished_clones(parent: &Path, prefix: &str) {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let ours = entry.file_name().to_string_lossy().starts_with(prefix)
+            && entry
+                .path()
+                .symlink_metadata()
+                .is_ok_and(|m| m.is_dir() && m.uid() == crate::trust::euid());
+        if ours {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// Isolated mode at start: reuse `dir` when its origin is the configured URL, otherwise clone
 /// (again). Content that is not a git checkout is never deleted.
 pub(super) async fn setup(ctx: &Context) {
@@ -56,6 +76,17 @@ pub(super) async fn setup(ctx: &Context) {
 /// start reuses), and an old checkout is replaced only by a working new one.
 async fn ensure_clone(ctx: &Context, url: &str, dir: &Path, branch: &str) -> Result<(), String> {
     let timeouts = &ctx.settings.timeouts;
+    // Only root and this user can change what is in the parent, so nobody can plant the
+    // checkout, a link in its place, or the staging directory.
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    crate::store::ensure_private_dir(parent)
+        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    crate::trust::check_dir(parent).map_err(|why| {
+        format!(
+            "will not clone into {}: {why}; point NIXFLEET_REPO_DIR elsewhere",
+            parent.display()
+        )
+    })?;
     let mut replace = false;
     if dir.join(".git").exists() {
         let origin = ctx
@@ -93,22 +124,31 @@ async fn ensure_clone(ctx: &Context, url: &str, dir: &Path, branch: &str) -> Res
             ));
         }
     }
-    let parent = dir.parent().unwrap_or(Path::new("/"));
-    crate::store::ensure_private_dir(parent)
-        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
     let name = dir
         .file_name()
         .map_or_else(|| "repo".into(), |n| n.to_string_lossy().into_owned());
-    let staging = parent.join(format!(".{name}.nixfleet-clone"));
-    if staging.exists() {
-        // What an earlier, interrupted clone left behind; only ever our own staging name.
-        std::fs::remove_dir_all(&staging).map_err(|e| {
-            format!(
-                "cannot remove an unfinished clone {}: {e}",
-                staging.display()
-            )
-        })?;
-    }
+    let prefix = format!(".{name}.nixfleet-clone-");
+    remove_unfinished_clones(parent, &prefix);
+    // A fresh private directory with an unpredictable name, created exclusively: nobody can
+    // have prepared it (or a link in its place) for git to write through.
+    let (private, staging) = {
+        let mut attempt = 0;
+        loop {
+            let private = parent.join(format!("{prefix}{:016x}", fastrand::u64(..)));
+            match std::fs::DirBuilder::new().mode(0o700).create(&private) {
+                Ok(()) => break (private.clone(), private.join("repo")),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 8 => {
+                    attempt += 1;
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "cannot create a private directory for the clone in {}: {e}",
+                        parent.display()
+                    ));
+                }
+            }
+        }
+    };
     let clone = ctx
         .run(
             ctx.git(parent, timeouts.git, "git clone")
@@ -117,7 +157,7 @@ async fn ensure_clone(ctx: &Context, url: &str, dir: &Path, branch: &str) -> Res
         )
         .await;
     if !clone.ok {
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = std::fs::remove_dir_all(&private);
         return Err(format!("git clone failed: {}", clone.text));
     }
     use std::os::unix::fs::PermissionsExt as _;
@@ -129,8 +169,9 @@ async fn ensure_clone(ctx: &Context, url: &str, dir: &Path, branch: &str) -> Res
     } else {
         Ok(())
     };
-    if let Err(e) = cleared.and_then(|()| std::fs::rename(&staging, dir)) {
-        let _ = std::fs::remove_dir_all(&staging);
+    let moved = cleared.and_then(|()| std::fs::rename(&staging, dir));
+    let _ = std::fs::remove_dir_all(&private);
+    if let Err(e) = moved {
         return Err(format!(
             "cannot move the new clone into {}: {e}",
             dir.display()

@@ -411,6 +411,11 @@ pub(crate) fn require_repo(ctx: &Context, what: &str) -> Option<PathBuf> {
         mode => {
             let dir = mode.dir().expect("not None").to_path_buf();
             if dir.join(".git").exists() {
+                let allow = ctx.settings.allow_foreign_checkout;
+                if let Err(why) = crate::trust::check_checkout_owner(&dir, allow) {
+                    ctx.error(&format!("{what} failed: {why}"));
+                    return None;
+                }
                 Some(dir)
             } else {
                 ctx.error(&format!(

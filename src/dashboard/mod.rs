@@ -169,12 +169,14 @@ pub enum DashboardError {
     Displaced { hostname: String, times: u32 },
 }
 
+/// The pairs as one bounded line (they come from the dashboard: see `crate::text`).
 fn format_details(details: &[(String, String)]) -> String {
-    details
+    let joined = details
         .iter()
         .map(|(field, msg)| format!("{field}: {msg}"))
         .collect::<Vec<_>>()
-        .join("; ")
+        .join("; ");
+    crate::text::for_log(&joined)
 }
 
 impl DashboardError {

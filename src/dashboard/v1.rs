@@ -14,6 +14,7 @@ use super::{
     Correlation, DashboardError, Heartbeat, Link, LinkTraits, Outgoing, Reply, Report, StatusReport,
 };
 use crate::config::Settings;
+use crate::text::bounded;
 
 /// Largest reply body we read; anything longer is refused without growing the agent.
 pub const MAX_REPLY_BYTES: usize = 1024 * 1024;
@@ -195,7 +196,8 @@ fn classify_send_error(err: reqwest::Error, timeout_secs: u64) -> DashboardError
     let reason = if reason.contains("Connection refused") {
         "connection refused".to_string()
     } else {
-        reason
+        // A TLS or protocol error can quote what the peer sent (a certificate name).
+        bounded(&reason, MAX_MESSAGE)
     };
     DashboardError::Unreachable(reason)
 }
@@ -231,15 +233,27 @@ async fn read_capped(
     }
 }
 
+/// How many 422 `(field, message)` pairs are kept; the rest are counted in one more pair.
+pub const MAX_VALIDATION_DETAILS: usize = 16;
+/// Longest field name kept (bytes, after escaping), and longest message or detail text.
+const MAX_FIELD: usize = 120;
+const MAX_MESSAGE: usize = 300;
+/// Most `loc` parts joined into a field name.
+const MAX_LOC_PARTS: usize = 8;
+
+/// Maps a non-2xx answer to an error. All text taken from the body is bounded and escaped
+/// (`crate::text`), whatever the body holds: it ends up in log lines and remembered state.
 fn error_for(status: StatusCode, body: &[u8]) -> DashboardError {
     let parsed: Option<ErrorBody> = serde_json::from_slice(body).ok();
     let detail_value = parsed.and_then(|b| b.detail);
     let detail_text = match &detail_value {
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(other) => other.to_string(),
-        None => String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+        Some(serde_json::Value::String(s)) => bounded(s, MAX_MESSAGE),
+        Some(other) => bounded(&capped_json(other), MAX_MESSAGE),
+        None => bounded(
+            &String::from_utf8_lossy(&body[..body.len().min(MAX_MESSAGE)]),
+            MAX_MESSAGE,
+        ),
     };
-    let detail_text: String = detail_text.chars().take(300).collect();
     match status.as_u16() {
         // The v1 dashboard answers a bad token with 401 only (contract §2); a 403 comes from
         // a proxy or firewall and says nothing about the token.
@@ -258,41 +272,82 @@ fn error_for(status: StatusCode, body: &[u8]) -> DashboardError {
     }
 }
 
+/// The JSON text of `value`, stopping soon after `MAX_MESSAGE` bytes (a 1 MiB array is never
+/// turned into a 1 MiB string first).
+fn capped_json(value: &serde_json::Value) -> String {
+    struct Capped(Vec<u8>);
+    impl std::io::Write for Capped {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.0.len() > MAX_MESSAGE {
+                return Err(std::io::Error::other("long enough"));
+            }
+            self.0.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut out = Capped(Vec::new());
+    let _ = serde_json::to_writer(&mut out, value);
+    String::from_utf8_lossy(&out.0).into_owned()
+}
+
 /// Pulls `(field, message)` out of pydantic's detail list; the echoed `input` is left out (it
-/// can be 10 000 characters of output).
+/// can be 10 000 characters of output). At most [`MAX_VALIDATION_DETAILS`] pairs, each part
+/// bounded and escaped; more items are counted in a last pair.
 fn validation_details(detail: Option<&serde_json::Value>) -> Vec<(String, String)> {
     let Some(serde_json::Value::Array(items)) = detail else {
-        let text = detail.map(|d| d.to_string()).unwrap_or_default();
-        return vec![("request".into(), text.chars().take(200).collect())];
+        let text = detail.map(capped_json).unwrap_or_default();
+        return vec![("request".into(), bounded(&text, MAX_MESSAGE))];
     };
-    items
+    let mut details: Vec<(String, String)> = items
         .iter()
+        .take(MAX_VALIDATION_DETAILS)
         .map(|item| {
             let field = item
                 .get("loc")
                 .and_then(|l| l.as_array())
                 .map(|parts| {
-                    parts
+                    let mut field = String::new();
+                    for part in parts
                         .iter()
                         .filter(|p| p.as_str() != Some("body"))
-                        .map(|p| match p {
-                            serde_json::Value::String(s) => s.clone(),
-                            other => other.to_string(),
-                        })
-                        .collect::<Vec<_>>()
-                        .join(".")
+                        .take(MAX_LOC_PARTS)
+                    {
+                        if !field.is_empty() {
+                            field.push('.');
+                        }
+                        match part {
+                            serde_json::Value::String(s) => {
+                                field.extend(s.chars().take(MAX_FIELD));
+                            }
+                            other => field.extend(capped_json(other).chars().take(MAX_FIELD)),
+                        }
+                        if field.len() > MAX_FIELD {
+                            break;
+                        }
+                    }
+                    bounded(&field, MAX_FIELD)
                 })
                 .unwrap_or_else(|| "request".into());
             let msg = item
                 .get("msg")
                 .and_then(|m| m.as_str())
-                .unwrap_or("invalid")
-                .chars()
-                .take(200)
-                .collect();
+                .map_or_else(|| "invalid".to_owned(), |m| bounded(m, MAX_MESSAGE));
             (field, msg)
         })
-        .collect()
+        .collect();
+    if items.len() > MAX_VALIDATION_DETAILS {
+        details.push((
+            "request".into(),
+            format!(
+                "{} more validation errors not shown",
+                items.len() - MAX_VALIDATION_DETAILS
+            ),
+        ));
+    }
+    details
 }
 
 #[cfg(test)]
@@ -313,6 +368,56 @@ mod tests {
             }
         );
         assert!(!err.to_string().contains("xxxxxxxx"));
+    }
+
+    #[test]
+    fn hostile_422_body_is_bounded_and_escaped() {
+        let items: Vec<serde_json::Value> = (0..2000)
+            .map(|i| {
+                serde_json::json!({
+                    "loc": ["body", format!("f{i}\n{}", "x".repeat(200)), 1, 2, 3, 4, 5, 6, 7, 8, 9],
+                    "msg": format!("bad\n2026-01-01 INFO forged {}", "y".repeat(400)),
+                })
+            })
+            .collect();
+        let body = serde_json::to_vec(&serde_json::json!({ "detail": items })).unwrap();
+        let DashboardError::Validation { details } =
+            error_for(StatusCode::UNPROCESSABLE_ENTITY, &body)
+        else {
+            panic!("not a validation error");
+        };
+        assert_eq!(details.len(), MAX_VALIDATION_DETAILS + 1);
+        assert_eq!(
+            details.last().unwrap().1,
+            "1984 more validation errors not shown"
+        );
+        for (field, msg) in &details {
+            assert!(field.len() <= MAX_FIELD + 32, "{}", field.len());
+            assert!(msg.len() <= MAX_MESSAGE + 32, "{}", msg.len());
+            assert!(
+                !field.contains('\n') && !msg.contains('\n'),
+                "{field} {msg}"
+            );
+        }
+        assert!(details[0].0.starts_with("f0\\nxxx"), "{}", details[0].0);
+        let line = DashboardError::Validation { details }.to_string();
+        assert!(
+            line.len() <= 2 * crate::text::LOG_TEXT_MAX,
+            "{}",
+            line.len()
+        );
+
+        let err = error_for(
+            StatusCode::BAD_REQUEST,
+            format!("{{\"detail\": [\"{}\"]}}", "z\\n".repeat(100_000)).as_bytes(),
+        );
+        let DashboardError::Http { detail, .. } = err else {
+            panic!("not an http error");
+        };
+        assert!(
+            detail.len() <= MAX_MESSAGE + 32 && !detail.contains('\n'),
+            "{detail}"
+        );
     }
 
     #[test]
@@ -342,5 +447,68 @@ mod tests {
         assert!(
             matches!(err, DashboardError::Unauthorized { status: 401, ref detail } if detail == "Invalid API token")
         );
+    }
+}
+
+/// Issue 10, item 10: property tests over dashboard replies and error bodies.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Any JSON value, a few levels deep.
+    fn json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<String>().prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(serde_json::Value::Array),
+                prop::collection::btree_map("[a-z]{0,6}|loc|msg|detail", inner, 0..6)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn check_bounded(err: &DashboardError) -> Result<(), TestCaseError> {
+        let text = err.to_string();
+        prop_assert!(
+            text.len() <= 2 * crate::text::LOG_TEXT_MAX,
+            "{}",
+            text.len()
+        );
+        prop_assert!(!text.contains('\n') && !text.contains('\r'), "{text}");
+        if let DashboardError::Validation { details } = err {
+            prop_assert!(details.len() <= MAX_VALIDATION_DETAILS + 1);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_error_body_gives_a_bounded_error(
+            status in 400u16..600, body in prop::collection::vec(any::<u8>(), 0..4096)
+        ) {
+            let err = error_for(StatusCode::from_u16(status).unwrap(), &body);
+            check_bounded(&err)?;
+        }
+
+        #[test]
+        fn any_json_detail_gives_a_bounded_error(status in 400u16..600, detail in json()) {
+            let body = serde_json::to_vec(&serde_json::json!({ "detail": detail })).unwrap();
+            let err = error_for(StatusCode::from_u16(status).unwrap(), &body);
+            check_bounded(&err)?;
+        }
+
+        #[test]
+        fn any_reply_body_parses_or_errs(body in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = serde_json::from_slice::<RegisterReplyWire>(&body);
+            let _ = serde_json::from_slice::<AnyReplyWire>(&body);
+        }
     }
 }

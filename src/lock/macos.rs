@@ -4,6 +4,7 @@
 use std::ffi::OsString;
 use std::io;
 use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
 
 use super::ProcInfo;
@@ -44,4 +45,27 @@ pub(super) fn exe(pid: i32) -> io::Result<PathBuf> {
     }
     buf.truncate(n as usize);
     Ok(PathBuf::from(OsString::from_vec(buf)))
+}
+
+/// The (device, inode) of the file `pid` executes (from `proc_pidpath`, the kernel's own path).
+pub(super) fn exe_identity(pid: i32) -> io::Result<(u64, u64)> {
+    let meta = std::fs::metadata(exe(pid)?)?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+/// macOS has no cheap way to list another process's open files without libproc's fd calls;
+/// the executable identity and start time must do.
+pub(super) fn holds_open(_pid: i32, _file: (u64, u64)) -> io::Result<bool> {
+    Ok(true)
+}
+
+/// macOS has no pidfds: signals go by pid, right after a start-time re-check. Uninhabited.
+pub(super) enum Pinned {}
+
+pub(super) fn pin(_pid: i32) -> io::Result<Option<Pinned>> {
+    Ok(None)
+}
+
+pub(super) fn signal_pinned(pinned: &Pinned, _sig: libc::c_int) -> io::Result<()> {
+    match *pinned {}
 }

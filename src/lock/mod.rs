@@ -10,17 +10,19 @@
 //! When the lock is busy, the holder's freshness decides: a holder whose progress file (or, if
 //! that is missing or older, the lock file itself) changed within the stall threshold is
 //! running ([`LockError::AlreadyRunning`]). A stale holder is signalled only after verifying that
-//! its pid still belongs to the same process (start time) running this program (executable);
-//! otherwise [`LockError::HeldByUnverified`] and nothing is signalled. Process inspection is
+//! its pid still belongs to the same process (start time), runs this very binary (the same
+//! file by device and inode, never a path from the record) and, on Linux, has `agent.lock`
+//! open; signals then go through a pidfd (Linux) pinned and re-checked after verification.
+//! Otherwise [`LockError::HeldByUnverified`] and nothing is signalled. Process inspection is
 //! platform code in `linux.rs` / `macos.rs`, chosen below; this module does not read config or
 //! decide the threshold.
 
 use std::ffi::CString;
 use std::fmt;
-use std::fs::{DirBuilder, File, OpenOptions, Permissions, TryLockError};
+use std::fs::{DirBuilder, File, Permissions, TryLockError};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -242,7 +244,9 @@ fn describe_progress(age: &Option<Duration>) -> String {
 /// permissions), is a directory this user may safely use, and is writable. An existing
 /// directory owned by us is restricted to 0700; one owned by another user (other than a
 /// root-owned directory not writable by others) is refused, since its owner could tamper with
-/// the lock. The error names every directory tried and why it was refused.
+/// the lock; so is a symbolic link (never followed, its target never chmodded) and a directory
+/// below one another user could replace (`trust::check_dir`). The error names every directory
+/// tried and why it was refused.
 pub fn choose_dir(candidates: &[PathBuf]) -> Result<PathBuf, LockError> {
     let mut tried = Vec::new();
     for dir in candidates {
@@ -258,8 +262,9 @@ fn prepare_dir(dir: &Path) -> Result<(), String> {
     if !dir.is_absolute() {
         return Err("not an absolute path".to_owned());
     }
-    let meta = match std::fs::metadata(dir) {
-        Ok(meta) => meta,
+    // Not `metadata`: a link is refused below, never followed (nor its target chmodded).
+    match std::fs::symlink_metadata(dir) {
+        Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             if let Some(parent) = dir.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| format!("cannot create it: {e}"))?;
@@ -269,13 +274,13 @@ fn prepare_dir(dir: &Path) -> Result<(), String> {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {} // a concurrent start
                 Err(e) => return Err(format!("cannot create it: {e}")),
             }
-            std::fs::metadata(dir).map_err(|e| format!("cannot inspect it: {e}"))?
         }
         Err(e) => return Err(format!("cannot inspect it: {e}")),
-    };
-    if !meta.is_dir() {
-        return Err("exists but is not a directory".to_owned());
     }
+    // Not a link, a directory, owned by us or root, and nobody else can replace it or any
+    // directory above it.
+    crate::trust::check_dir(dir)?;
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("cannot inspect it: {e}"))?;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
     if meta.uid() == me {
@@ -283,11 +288,6 @@ fn prepare_dir(dir: &Path) -> Result<(), String> {
             std::fs::set_permissions(dir, Permissions::from_mode(0o700))
                 .map_err(|e| format!("cannot restrict it to mode 0700: {e}"))?;
         }
-    } else if meta.uid() != 0 {
-        return Err(format!(
-            "owned by uid {}, not by this user (uid {me})",
-            meta.uid()
-        ));
     } else if meta.mode() & 0o022 != 0 {
         return Err("owned by root and writable by other users".to_owned());
     }
@@ -320,13 +320,21 @@ pub fn acquire(
     stall_threshold: Duration,
     version: &str,
 ) -> Result<InstanceLock, LockError> {
-    let own_exe = platform::exe(std::process::id() as i32).unwrap_or_default();
+    let own_exe = platform::exe_identity(std::process::id() as i32);
+    let lock_path = dir.join(LOCK_FILE);
     acquire_with(
         dir,
         stall_threshold,
         version,
         &Takeover::default(),
-        |holder| verify_holder(holder, &own_exe),
+        |holder| {
+            let own_exe = own_exe
+                .as_ref()
+                .map_err(|e| format!("cannot identify this agent's own executable: {e}"))?;
+            let lock = std::fs::symlink_metadata(&lock_path)
+                .map_err(|e| format!("cannot inspect {}: {e}", lock_path.display()))?;
+            verify_holder(holder, *own_exe, (lock.dev(), lock.ino()))
+        },
     )
 }
 
@@ -358,16 +366,10 @@ fn acquire_with(
         path: path.clone(),
         source,
     };
-    // Mode 0600 is only ever narrowed by the umask; O_CLOEXEC is std's default, so children
-    // never inherit (and never keep alive) the lock.
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(io_err)?;
+    // Relative to the checked directory's handle, never through a link; mode 0600 is only ever
+    // narrowed by the umask; close-on-exec, so children never inherit (and never keep alive)
+    // the lock.
+    let mut file = crate::trust::open_in_dir(dir, LOCK_FILE).map_err(io_err)?;
     if try_lock(&file, &path)? {
         return locked(file, path, version);
     }
@@ -430,6 +432,32 @@ fn take_over(
         progress_age_secs = progress_age.map(|a| a.as_secs()),
         "the instance lock is held by a stalled nixfleet-agent; stopping it",
     );
+    // Pinned at once and checked again, so every signal below reaches exactly the verified
+    // process (a pidfd where the OS has one) or, without pidfds, a pid re-checked right before.
+    let (pinned, gone) = match platform::pin(holder.pid) {
+        Ok(pinned) if is_same_live_process(&holder) => (pinned, false),
+        Ok(_) => {
+            let reason = format!("pid {} changed while it was being verified", holder.pid);
+            return Err(LockError::HeldByUnverified {
+                holder: Some(holder),
+                reason,
+            });
+        }
+        // Gone already: nothing may be signalled by pid now (it could be reused).
+        Err(err) if err.raw_os_error() == Some(libc::ESRCH) => (None, true),
+        Err(err) => {
+            let reason = format!("cannot pin pid {}: {err}", holder.pid);
+            return Err(LockError::HeldByUnverified {
+                holder: Some(holder),
+                reason,
+            });
+        }
+    };
+    let signal = |pid: i32, sig: libc::c_int| match &pinned {
+        Some(pinned) => platform::signal_pinned(pinned, sig),
+        None if gone => Err(io::Error::from_raw_os_error(libc::ESRCH)),
+        None => signal(pid, sig),
+    };
     match signal(holder.pid, libc::SIGTERM) {
         // A SIGSTOPped holder keeps SIGTERM pending; let it run so it can handle it. Checked
         // again first: the pid must still be the verified agent.
@@ -523,15 +551,7 @@ pub fn lock_state_dir(dir: &Path, version: &str) -> Result<File, LockError> {
         path: path.clone(),
         source,
     };
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)
-        .map_err(io_err)?;
+    let mut file = crate::trust::open_in_dir(dir, STATE_LOCK_FILE).map_err(io_err)?;
     // A predecessor just taken over through its instance lock releases this one as it exits,
     // a moment later: allow for that.
     let deadline = Instant::now() + RELOCK_WAIT;
@@ -570,9 +590,10 @@ fn read_holder(file: &mut File) -> Option<Holder> {
 }
 
 /// The real check before signalling a holder: its pid is alive, was started at the recorded
-/// time (not a reused pid), and runs this program, either the recorded executable or one with
-/// the same file name as ours (an upgraded agent replacing an older store path).
-fn verify_holder(holder: &Holder, own_exe: &Path) -> Result<(), String> {
+/// time (not a reused pid), runs this very agent binary (the same file, compared by device and
+/// inode through the OS, never by the path in the record), and, on Linux, has the lock file
+/// `lock` open. A record naming any other process is refused, however accurate.
+fn verify_holder(holder: &Holder, own_exe: (u64, u64), lock: (u64, u64)) -> Result<(), String> {
     let pid = holder.pid;
     let info = platform::proc_info(pid)
         .map_err(|e| format!("cannot inspect pid {pid}: {e}"))?
@@ -588,17 +609,21 @@ fn verify_holder(holder: &Holder, own_exe: &Path) -> Result<(), String> {
             "pid {pid} has exited, so another process holds the lock"
         ));
     }
-    let exe =
-        platform::exe(pid).map_err(|e| format!("cannot read the executable of pid {pid}: {e}"))?;
-    let same_name = exe.file_name().is_some() && exe.file_name() == own_exe.file_name();
-    if exe == holder.exe || same_name {
-        Ok(())
-    } else {
-        Err(format!(
-            "pid {pid} runs {}, which is neither the recorded {} nor this program",
-            exe.display(),
-            holder.exe.display()
-        ))
+    let exe = platform::exe_identity(pid)
+        .map_err(|e| format!("cannot identify the executable of pid {pid}: {e}"))?;
+    if exe != own_exe {
+        let path = platform::exe(pid).unwrap_or_default();
+        return Err(format!(
+            "pid {pid} runs {}, which is not this agent's executable (another file)",
+            path.display()
+        ));
+    }
+    match platform::holds_open(pid, lock) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!(
+            "pid {pid} does not have the lock file open, so it is not the holder"
+        )),
+        Err(e) => Err(format!("cannot list the open files of pid {pid}: {e}")),
     }
 }
 
@@ -632,6 +657,7 @@ fn unix_now() -> u64 {
     reason = "tests start real helper processes directly to observe them"
 )]
 mod tests {
+    use std::fs::OpenOptions;
     use std::io::BufRead;
     use std::os::unix::process::ExitStatusExt;
     use std::process::{Child, Command, Stdio};
@@ -927,7 +953,7 @@ mod tests {
         make_stale(dir.path());
         let err = acquire(dir.path(), THRESHOLD, "1.0").unwrap_err();
         assert!(
-            matches!(&err, LockError::HeldByUnverified { reason, .. } if reason.contains("neither the recorded")),
+            matches!(&err, LockError::HeldByUnverified { reason, .. } if reason.contains("not this agent's executable")),
             "{err:?}"
         );
 
@@ -1011,29 +1037,110 @@ mod tests {
         assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
     }
 
+    fn own_identity() -> (u64, u64) {
+        platform::exe_identity(std::process::id() as i32).unwrap()
+    }
+
     #[test]
     fn verifier_accepts_this_process_and_rejects_mismatches() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = acquire(dir.path(), THRESHOLD, "test").unwrap();
+        let meta = std::fs::metadata(lock.path()).unwrap();
+        let lock_id = (meta.dev(), meta.ino());
         let me = Holder::current("test").unwrap();
-        let exe = own_exe();
-        assert_eq!(verify_holder(&me, &exe), Ok(()));
+        assert_eq!(verify_holder(&me, own_identity(), lock_id), Ok(()));
 
         let reused = Holder {
             start_time: me.start_time + 1,
             ..me.clone()
         };
-        let reason = verify_holder(&reused, &exe).unwrap_err();
+        let reason = verify_holder(&reused, own_identity(), lock_id).unwrap_err();
         assert!(reason.contains("the pid was reused"), "{reason}");
 
-        let other_program = Holder {
+        // The path in the record does not matter, the running file does.
+        let other_path = Holder {
             exe: PathBuf::from("/nonexistent/other-program"),
             ..me.clone()
         };
-        assert!(
-            verify_holder(&other_program, &exe).is_ok(),
-            "same file name as ours"
+        assert_eq!(verify_holder(&other_path, own_identity(), lock_id), Ok(()));
+        let (dev, ino) = own_identity();
+        let reason = verify_holder(&me, (dev, ino + 1), lock_id).unwrap_err();
+        assert!(reason.contains("not this agent's executable"), "{reason}");
+        if cfg!(target_os = "linux") {
+            let reason =
+                verify_holder(&me, own_identity(), (lock_id.0, lock_id.1 + 1)).unwrap_err();
+            assert!(
+                reason.contains("does not have the lock file open"),
+                "{reason}"
+            );
+        }
+    }
+
+    /// Issue 10, item 1: a lock file that is a link is never followed: nothing is written to
+    /// its target, and the start fails (exit 73 in `cli`).
+    #[test]
+    fn planted_lock_file_link_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious\n").unwrap();
+        let run = dir.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::os::unix::fs::symlink(&victim, run.join(LOCK_FILE)).unwrap();
+        std::os::unix::fs::symlink(&victim, run.join(STATE_LOCK_FILE)).unwrap();
+        let err = acquire(&run, THRESHOLD, "1.0").unwrap_err();
+        assert!(matches!(err, LockError::Io { .. }), "{err:?}");
+        let err = lock_state_dir(&run, "1.0").unwrap_err();
+        assert!(matches!(err, LockError::Io { .. }), "{err:?}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    }
+
+    /// Issue 10, item 3: a record naming an unrelated process with its exact pid, start time
+    /// and executable path is refused, and that process is left alone.
+    #[test]
+    fn accurate_record_of_another_program_is_never_signalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let _helper = spawn_holder(&dir.path().join(LOCK_FILE), false);
+        let mut sleep = HelperProcess(
+            Command::new("sleep")
+                .arg("30")
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap(),
         );
-        let reason = verify_holder(&other_program, Path::new("/x/another-name")).unwrap_err();
-        assert!(reason.contains("neither the recorded"), "{reason}");
+        let record = record_for(sleep.pid(), "0.9");
+        assert!(record.exe.ends_with("sleep"), "{record:?}");
+        write_record(dir.path(), &record);
+        make_stale(dir.path());
+        let err = acquire(dir.path(), THRESHOLD, "1.0").unwrap_err();
+        assert!(
+            matches!(&err, LockError::HeldByUnverified { reason, .. } if reason.contains("not this agent's executable")),
+            "{err:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(sleep.0.try_wait().unwrap().is_none(), "sleep was signalled");
+    }
+
+    /// Issue 10, item 3 (Linux): another instance of this very binary that does not hold the
+    /// lock file open is not the holder, and is never signalled.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn agent_binary_not_holding_the_lock_is_never_signalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let _holder = spawn_holder(&dir.path().join(LOCK_FILE), false);
+        let other_dir = tempfile::tempdir().unwrap();
+        let mut bystander = spawn_holder(&other_dir.path().join(LOCK_FILE), false);
+        write_record(dir.path(), &record_for(bystander.pid(), "0.9"));
+        make_stale(dir.path());
+        let err = acquire(dir.path(), THRESHOLD, "1.0").unwrap_err();
+        assert!(
+            matches!(&err, LockError::HeldByUnverified { reason, .. } if reason.contains("does not have the lock file open")),
+            "{err:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            bystander.0.try_wait().unwrap().is_none(),
+            "the bystander was signalled"
+        );
     }
 
     #[test]
@@ -1053,5 +1160,32 @@ mod tests {
             Holder::parse("start_time=9\npid=12\n").map(|h| (h.pid, h.start_time)),
             Some((12, 9))
         );
+    }
+}
+
+/// Issue 10, item 10: property tests over the lock record.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_lock_record_parses_or_is_none(record in any::<String>()) {
+            if let Some(holder) = Holder::parse(&record) {
+                let _ = holder.to_string();
+            }
+        }
+
+        #[test]
+        fn holder_records_round_trip(
+            pid in any::<i32>(), start_time in any::<u64>(), started_at_unix in any::<u64>(),
+            exe in "[^\n\r\u{0}]{0,40}", version in "[^\n\r]{0,20}"
+        ) {
+            let holder = Holder { pid, start_time, started_at_unix, exe: PathBuf::from(exe), version };
+            prop_assert_eq!(Holder::parse(&holder.to_record()), Some(holder));
+        }
     }
 }

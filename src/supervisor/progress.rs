@@ -67,6 +67,7 @@ impl Progress {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(progress_file)?;
         // A file left by an older run may have looser permissions; `mode` only applies on create.
         file.set_permissions(std::fs::Permissions::from_mode(0o600))?;

@@ -427,7 +427,10 @@ fn isolated_checkout_of_another_url_is_replaced_by_a_complete_clone() {
         dir.parent().unwrap(),
         &["clone", "-q", other.to_str().unwrap(), "repo"],
     );
-    let staging = dir.parent().unwrap().join(".repo.nixfleet-clone");
+    let staging = dir
+        .parent()
+        .unwrap()
+        .join(".repo.nixfleet-clone-00000000deadbeef");
     fs::create_dir_all(staging.join(".git")).unwrap();
     let agent = start(&h);
     let head = Repos::head(&repos.origin);

@@ -660,7 +660,7 @@ fn detached_switch_that_never_started_is_reported_within_seconds() {
             "detached": {
                 "unit": null,
                 "pid": null,
-                "result_file": h.state_dir.join("switch/never.json"),
+                "result_file": h.state_dir.join(format!("switch/{now}-4242.json")),
                 "deadline_unix": now + 600,
             },
         },

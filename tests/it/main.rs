@@ -17,6 +17,10 @@
 //! - `crash`: kill -9 during a detached switch and a test run, outbox across restarts, corrupt
 //!   state files, queued commands after a crash, a bounded chaos run, exit 10 after a switch
 //!   that installed a new binary, waiting for a manual switch that holds its lock.
+//! - `hardening`: issue 10 (threat model in SECURITY.md): not dumpable and no core files, a
+//!   flood of random 422 details, secrets in repo_url, planted token caches, prepared clone
+//!   staging dirs, foreign-owned checkouts, linked or exposed state dirs, a journal pointing
+//!   outside the state dir, and the TLS proofs (pin without trust, redirects, a trickled body).
 //! - `rows`: regression tests that every result lands on its own dashboard log row (outage
 //!   notes, reports made during a heartbeat, resumed switches, a proxy 404 blip).
 //! - `supervisor`: sd-notify over path and abstract sockets (READY after the lock, STATUS,
@@ -37,6 +41,7 @@
 mod commands;
 mod core;
 mod crash;
+mod hardening;
 mod resilience;
 mod rows;
 mod supervisor;

@@ -694,7 +694,7 @@ fn unrelated_lock_holder_and_recorded_pid_are_never_signalled() {
     // 1: the recorded pid is alive with the recorded start time but runs another program.
     // 2: the recorded pid was reused (start time differs).
     for (start, reason) in [
-        (sleep_start, "which is neither the recorded"),
+        (sleep_start, "which is not this agent's executable"),
         (sleep_start + 1, "the pid was reused"),
     ] {
         fs::write(

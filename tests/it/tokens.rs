@@ -58,7 +58,10 @@ fn per_host_token_is_used_at_once_and_persisted_privately() {
 fn refused_cached_token_falls_back_to_the_configured_one_once() {
     let h = Harness::new();
     std::fs::create_dir_all(&h.state_dir).unwrap();
-    std::fs::write(h.state_dir.join("token"), "NIXFLEET_TOKEN=stale-token\n").unwrap();
+    let cache = h.state_dir.join("token");
+    std::fs::write(&cache, "NIXFLEET_TOKEN=stale-token\n").unwrap();
+    // As the agent writes it: a cache others can read is not used (issue 10).
+    std::fs::set_permissions(&cache, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let agent = h.spawn();
     assert!(wait_until(T, || h
         .requests(Endpoint::Register)

@@ -23,7 +23,7 @@ pub mod control;
 mod server;
 mod state;
 mod timefmt;
-mod tls;
+pub mod tls;
 pub mod v2;
 pub mod validate;
 

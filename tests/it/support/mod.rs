@@ -10,6 +10,8 @@
     reason = "each test module uses a different part of the harness"
 )]
 
+pub mod hostile;
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -248,6 +250,11 @@ impl Harness {
         AgentProcess::spawn(self.tmp.path(), &self.vars, args)
     }
 
+    /// [`Harness::spawn_args`] with a last word on the command (credentials, and the like).
+    pub fn spawn_with(&self, args: &[&str], customize: impl FnOnce(&mut Command)) -> AgentProcess {
+        AgentProcess::spawn_with(self.tmp.path(), &self.vars, args, customize)
+    }
+
     /// Runs the agent to completion (for config errors and the like).
     pub fn run_to_exit(&self, args: &[&str], timeout: Duration) -> (Option<i32>, String) {
         let mut agent = self.spawn_args(args);
@@ -310,18 +317,28 @@ static LOG_COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32:
 
 impl AgentProcess {
     pub fn spawn(dir: &Path, vars: &[(String, String)], args: &[&str]) -> AgentProcess {
+        AgentProcess::spawn_with(dir, vars, args, |_| {})
+    }
+
+    pub fn spawn_with(
+        dir: &Path,
+        vars: &[(String, String)],
+        args: &[&str],
+        customize: impl FnOnce(&mut Command),
+    ) -> AgentProcess {
         let n = LOG_COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let log_path = dir.join(format!("agent-{n}.log"));
         let log = fs::File::create(&log_path).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_nixfleet-agent"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nixfleet-agent"));
+        command
             .args(args)
             .env_clear()
             .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("agent binary starts");
+            .stderr(log);
+        customize(&mut command);
+        let child = command.spawn().expect("agent binary starts");
         AgentProcess {
             child,
             log_path,

@@ -362,4 +362,5 @@ in
   darwinDaemon = daemon;
   homeManagerUnit = hmUnit;
   homeManagerAgent = hmAgent;
+  darwinNewsyslog = darwin.environment.etc."newsyslog.d/nixfleet-agent.conf".text;
 }

@@ -1,7 +1,8 @@
-# The options of services.nixfleet-agent, shared by the NixOS module (./default.nix) and the
-# nix-darwin module (../darwin-module/default.nix). Options only: what the service looks like on
-# each platform lives in those two files, and how options become the agent's TOML config lives
-# in ./render.nix.
+# The options of services.nixfleet-agent, shared by the NixOS module (./default.nix), the
+# nix-darwin module (../darwin-module/default.nix) and the home-manager module
+# (../home-manager-module/default.nix). Options only: what the service looks like on each
+# platform lives in those files, and how options become the agent's TOML config lives in
+# ./render.nix.
 #
 # Every typed option that the agent reads is a default for one key of `settings` (RFC 42), so
 # `settings` is the single source of the rendered config file and also the escape hatch for

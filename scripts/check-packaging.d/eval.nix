@@ -2,11 +2,14 @@
 # (no Nix store, no nixpkgs here), for scripts/check-packaging:
 #   nix-instantiate --eval --strict --json scripts/check-packaging.d/eval.nix
 # prints a JSON object: `failures` (a list of messages; empty is good), the VM test's
-# `testScript`, and the rendered `nixosService` and `darwinDaemon` for comparison.
+# `testScript`, and the rendered service definitions (`nixosService`, `darwinDaemon`,
+# `homeManagerUnit`, `homeManagerAgent`, `darwinNewsyslog`) that check-packaging compares with
+# units/ and plists/.
 #
 # The stand-in lib implements only what our files call, with nixpkgs' meaning: types check
 # values (strMatching uses builtins.match, as nixpkgs does), mkIf/mkDefault/mkForce are
-# simplified (no priorities: the option-to-settings merge is done by hand below). So this
+# simplified (no priorities: the option-to-settings merge is done by hand below; mkMerge merges
+# disjoint definitions; mkAfter keeps its text). So this
 # proves our own logic (defaults type-check, regexes, assertions, rendered settings, unit and
 # plist values, flake output names), not nixpkgs' module system; `nix flake check` does that.
 let

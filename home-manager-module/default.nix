@@ -41,6 +41,13 @@ let
   then [ "/run/current-system/sw/bin" "/usr/local/bin" "/usr/bin" "/bin" "/usr/sbin" "/sbin" ]
   else [ "/run/wrappers/bin" "/run/current-system/sw/bin" "/usr/local/bin" "/usr/bin" "/bin" ]));
 
+  # One systemd `Environment=` assignment: quoted when it holds a space, quote or backslash,
+  # and `%` doubled (systemd expands specifiers there).
+  envLine = n: v:
+    let line = builtins.replaceStrings [ "%" ] [ "%%" ] "${n}=${v}"; in
+    if builtins.match ".*[ \t\"\\].*" line == null then line
+    else ''"${builtins.replaceStrings [ "\\" "\"" ] [ "\\\\" "\\\"" ] line}"'';
+
   environment = {
     NIXFLEET_AGENT_PATH = agentPath;
     PATH = path;
@@ -81,7 +88,7 @@ in
           Type = "notify";
           NotifyAccess = "main";
           ExecStart = "${agentPath} run --config ${configPath}";
-          Environment = lib.mapAttrsToList (n: v: "${n}=${v}") (environment // {
+          Environment = lib.mapAttrsToList envLine (environment // {
             NIXFLEET_RESTART_ON_CHANGE = "${unitPath}:${configPath}";
           });
           WatchdogSec = cfg.watchdogSec;

@@ -5,6 +5,7 @@
 , stdenv
 , rustPlatform
 , git
+, perl
 , python3
 , util-linux
 , crate ? "nixfleet-agent"
@@ -44,11 +45,12 @@ rustPlatform.buildRustPackage {
   useNextest = true;
   cargoTestFlags = [ "--workspace" ];
   # Every program the tests start that the build environment (stdenv: coreutils, bash, ...)
-  # lacks: real git repositories, python3 (holds an flock like switch-to-configuration does),
-  # util-linux's flock (an unrelated lock holder; that test is Linux-only). Check-time only:
-  # none of them is a runtime input of the agent. scripts/check-packaging compares this list
-  # with what the tests start.
-  nativeCheckInputs = [ git python3 ] ++ lib.optionals stdenv.hostPlatform.isLinux [ util-linux ];
+  # lacks: real git repositories, perl (a child that calls setsid() to escape its process
+  # group), python3 (holds an flock like switch-to-configuration does), util-linux's flock (an
+  # unrelated lock holder; that test is Linux-only). Check-time only: none of them is a
+  # runtime input of the agent. scripts/check-packaging compares this list with what the
+  # tests start, and `scripts/check-packaging --sandbox-path` runs the tests with only these.
+  nativeCheckInputs = [ git perl python3 ] ++ lib.optionals stdenv.hostPlatform.isLinux [ util-linux ];
   preCheck = ''
     export HOME="$(mktemp -d)"
   '';

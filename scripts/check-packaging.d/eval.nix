@@ -92,6 +92,7 @@ let
     jq = drv "jq";
     socat = drv "socat" // { meta.mainProgram = "socat"; };
     python3 = drv "python3";
+    perl = drv "perl";
     util-linux = drv "util-linux";
     buildEnv = { name, paths }: drv name // { inherit paths; };
     formats.toml = _: {
@@ -103,7 +104,7 @@ let
     stdenv.hostPlatform = { system = "x86_64-linux"; isLinux = true; isDarwin = false; };
     callPackage = f: args: import f ({
       inherit lib;
-      inherit (pkgs) git python3 util-linux stdenv;
+      inherit (pkgs) git perl python3 util-linux stdenv;
       rustPlatform.buildRustPackage = attrs: drv attrs.pname // attrs // {
         override = newArgs: pkgs.callPackage f (args // newArgs);
         overrideAttrs = g: attrs // g attrs;
@@ -298,7 +299,7 @@ let
     ++ expect "flake: the home-manager checks build the generation" (flakeOutputs.checks.x86_64-linux.home-manager-module.name == "home-manager-generation" && flakeOutputs.checks.aarch64-darwin.home-manager-module.name == "home-manager-generation")
     ++ expect "flake: modules for NixOS, nix-darwin and home-manager" (builtins.isFunction flakeOutputs.homeManagerModules.default)
     ++ expect "flake: tests run nextest" (flakeOutputs.checks.x86_64-linux.tests.doCheck && flakeOutputs.checks.x86_64-linux.tests.useNextest)
-    ++ expect "package: the tests' programs are check inputs on Linux" (map (p: p.name) flakeOutputs.checks.x86_64-linux.tests.nativeCheckInputs == [ "git" "python3" "util-linux" ])
+    ++ expect "package: the tests' programs are check inputs on Linux" (map (p: p.name) flakeOutputs.checks.x86_64-linux.tests.nativeCheckInputs == [ "git" "perl" "python3" "util-linux" ])
     ++ expect "package: check-time tools are not runtime inputs" (!(package ? buildInputs) && !(package ? propagatedBuildInputs) && !(package ? nativeBuildInputs))
     ++ expect "package: nextest's config is in the source" (builtins.elem ../../.config/nextest.toml package.src.fileset)
     ++ expect "package: meta.license comes from Cargo.toml" (map (l: l.spdxId) package.meta.license == lib.splitString " OR " (lib.importTOML ../../Cargo.toml).package.license)
@@ -328,7 +329,8 @@ let
       let c = nixosConfig (good // { prometheus.enable = true; }); in
       c.services.nixfleet-agent.metricsFile == "/run/nixfleet-agent-metrics/nixfleet-agent.prom"
       && c.services.prometheus.exporters.node.extraFlags == [ "--collector.textfile.directory=/run/nixfleet-agent-metrics" ]
-      && c.systemd.tmpfiles.rules == [ "d /run/nixfleet-agent-metrics 0755 root root - -" ])
+      && c.systemd.tmpfiles.rules == [ "d /run/nixfleet-agent-metrics 0755 root root - -" ]
+    )
     ++ expect "prometheus.enable off adds nothing" (nixos.services.prometheus.exporters.node.extraFlags == { } && nixos.systemd.tmpfiles.rules == { })
     # Issue 10 item 7: no core dumps.
     ++ expect "NixOS: LimitCORE=0" (unit.serviceConfig.LimitCORE == 0)
@@ -336,7 +338,8 @@ let
     # Issue 12 item 3: nix-darwin activation.
     ++ expect "darwin: ownership is set after users exist (etc phase), recursively, not following symlinks" (
       containsRe "find /var/lib/nixfleet-agent ! -user root -exec /usr/sbin/chown -h root" darwin.system.activationScripts.etc.text
-      && !(containsRe "chown" darwin.system.activationScripts.extraActivation.text))
+      && !(containsRe "chown" darwin.system.activationScripts.extraActivation.text)
+    )
     ++ expect "darwin: a non-root user owns state and log" (containsRe "chown -h bob /var/log/nixfleet-agent.log" (darwinConfig (good // { user = "bob"; })).system.activationScripts.etc.text)
     ++ expect "darwin: the log file is 0600" (containsRe "chmod -h 0600 /var/log/nixfleet-agent.log" darwin.system.activationScripts.extraActivation.text)
     ++ expect "darwin: HOME is the user's home from users.users" ((darwinConfig (good // { user = "bob"; })).launchd.daemons.nixfleet-agent.environment.HOME == "/Users/bob-home" && (darwinConfig (good // { user = "carol"; })).launchd.daemons.nixfleet-agent.environment.HOME == "/Users/carol" && daemon.environment.HOME == "/var/root")

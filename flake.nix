@@ -3,15 +3,19 @@
 
   inputs = {
     nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
-    # Only for the darwin-module evaluation check; consumers can drop it with
-    # `inputs.nixfleet.inputs.nix-darwin.follows = "";`.
+    # Only for the darwin-module and home-manager-module evaluation checks; consumers can drop
+    # them with `inputs.nixfleet-agent.inputs.nix-darwin.follows = "";` (and home-manager).
     nix-darwin = {
       url = "github:nix-darwin/nix-darwin";
       inputs.nixpkgs.follows = "nixpkgs";
     };
+    home-manager = {
+      url = "github:nix-community/home-manager";
+      inputs.nixpkgs.follows = "nixpkgs";
+    };
   };
 
-  outputs = { self, nixpkgs, nix-darwin }:
+  outputs = { self, nixpkgs, nix-darwin, home-manager }:
     let
       inherit (nixpkgs) lib;
       linuxSystems = [ "x86_64-linux" "aarch64-linux" ];
@@ -48,6 +52,7 @@
 
       nixosModules.default = withPackage ./nixos-module;
       darwinModules.default = withPackage ./darwin-module;
+      homeManagerModules.default = withPackage ./home-manager-module;
 
       packages = forAllSystems (pkgs: {
         default = pkgs.callPackage ./nix/package.nix { };
@@ -76,11 +81,28 @@
         let
           inherit (pkgs.stdenv.hostPlatform) system;
           agent = self.packages.${system}.default;
+          # A check that builds every given file: the rendered unit or plist, and the config
+          # file, which exists only once `nixfleet-agent check-config` accepted it.
+          files = name: paths: pkgs.runCommand name { } ''
+            mkdir "$out"
+            ${lib.concatStrings (lib.mapAttrsToList (n: p: "ln -s ${p} \"$out/${n}\"\n") paths)}
+          '';
+          homeConfig = home:
+            (home-manager.lib.homeManagerConfiguration {
+              inherit pkgs;
+              modules = [
+                self.homeManagerModules.default
+                {
+                  services.nixfleet-agent = exampleSettings // { tokenFile = "${home}/.config/nixfleet/agent.token"; };
+                  home.username = "alice";
+                  home.homeDirectory = home;
+                  home.stateVersion = "25.05";
+                }
+              ];
+            });
         in
         {
           package = agent;
-
-          tests = agent.override { runTests = true; };
 
           clippy = agent.overrideAttrs (old: {
             pname = "nixfleet-agent-clippy";
@@ -100,6 +122,10 @@
           });
         }
         // lib.optionalAttrs (lib.elem system linuxSystems) {
+          # The test suite observes processes through /proc and util-linux, so it runs on
+          # Linux; the macOS code is type-checked and linted by scripts/check-macos.
+          tests = agent.override { runTests = true; };
+
           vm-test = pkgs.testers.runNixOSTest (import ./nix/vm-test.nix {
             nixosModule = self.nixosModules.default;
             inherit (self.packages.${system}) fake-dashboard;
@@ -120,9 +146,14 @@
               ];
             })
             (config: config.systemd.units."nixfleet-agent.service".unit);
+
+          # The whole home-manager generation: the systemd user unit and the checked config.
+          home-manager-module = checked (homeConfig "/home/alice") (config: config.home.activationPackage);
         }
         // lib.optionalAttrs (lib.elem system darwinSystems) {
-          # The rendered LaunchDaemon plist, including the build-time check-config.
+          # The rendered LaunchDaemon plist and the config file, which the plist names by a
+          # stable /etc path (no store path), so it is built here explicitly: that build runs
+          # check-config.
           darwin-module = checked
             (nix-darwin.lib.darwinSystem {
               modules = [
@@ -134,7 +165,14 @@
                 }
               ];
             })
-            (config: config.environment.launchDaemons."org.nixfleet.agent.plist".source);
+            (config: files "darwin-module-check" {
+              "org.nixfleet.agent.plist" = config.environment.launchDaemons."org.nixfleet.agent.plist".source;
+              "agent.toml" = config.environment.etc."nixfleet-agent/agent.toml".source;
+              "newsyslog.conf" = config.environment.etc."newsyslog.d/nixfleet-agent.conf".source;
+            });
+
+          # The whole home-manager generation: the LaunchAgent plist and the checked config.
+          home-manager-module = checked (homeConfig "/Users/alice") (config: config.home.activationPackage);
         });
     };
 }

@@ -19,7 +19,21 @@ let
   # unlike /run/current-system, so a restart there already starts the new binary.
   agentPath = "/etc/nixfleet-agent/bin/nixfleet-agent";
   configPath = "/etc/nixfleet-agent/agent.toml";
-  home = if cfg.user == "root" then "/var/root" else "/Users/${cfg.user}";
+  # Programs the daemon needs that macOS lacks (the /usr/bin/git stub may open an install
+  # dialog instead of running), through a stable path and without adding them to every user's
+  # packages as environment.systemPackages would.
+  toolsPath = "/etc/nixfleet-agent/tools";
+  tools = pkgs.buildEnv { name = "nixfleet-agent-tools"; paths = [ pkgs.git ]; };
+  # The user's real home: what users.users says when nix-darwin manages the user, else the
+  # macOS default. root's is /var/root.
+  home =
+    if cfg.user == "root" then "/var/root"
+    else if (config.users.users.${cfg.user}.home or null) != null then toString config.users.users.${cfg.user}.home
+    else "/Users/${cfg.user}";
+  # The CA bundle other nix-darwin daemons get (nix-daemon, cachix-agent): security.pki's
+  # /etc/ssl/certs/ca-certificates.crt, a stable path. SSL_CERT_FILE is what the agent's own TLS
+  # (rustls-native-certs) reads instead of the keychain; NIX_SSL_CERT_FILE is for nix and git.
+  caBundle = config.environment.variables.NIX_SSL_CERT_FILE or null;
 in
 {
   imports = [ ../nixos-module/options.nix ];
@@ -29,10 +43,11 @@ in
 
     services.nixfleet-agent.settings = lib.mapAttrs (_: lib.mkDefault) render.fromOptions;
 
-    # git for the agent (the /usr/bin/git stub may open an install dialog instead of running).
-    environment.systemPackages = [ cfg.package pkgs.git ];
+    # On PATH for operators (`nixfleet-agent check-config --config /etc/nixfleet-agent/agent.toml`).
+    environment.systemPackages = [ cfg.package ];
     environment.etc."nixfleet-agent/agent.toml".source = render.configFile;
     environment.etc."nixfleet-agent/bin/nixfleet-agent".source = lib.getExe' cfg.package "nixfleet-agent";
+    environment.etc."nixfleet-agent/tools".source = tools;
 
     # A non-root agent may run exactly darwin-rebuild as root, without a password (`sudo -n`).
     environment.etc."sudoers.d/nixfleet-agent" = lib.mkIf (cfg.user != "root") {
@@ -41,14 +56,34 @@ in
       '';
     };
 
-    # Before the launchd phase, so a first start finds them. launchd has no StateDirectory=.
+    # launchd never rotates StandardOutPath. newsyslog renames the file when it passes 10 MiB;
+    # launchd keeps the agent's descriptor, so the agent writes on into .0 until it restarts,
+    # which is why the rule rotates by size only and never compresses (compressing .0 would
+    # unlink the file the agent still writes). New files are 0600 and the agent user's.
+    environment.etc."newsyslog.d/nixfleet-agent.conf".text = ''
+      # logfilename          [owner:group]    mode count size(KiB) when  flags
+      ${logFile}  ${cfg.user}:wheel  600  5  10240  *  N
+    '';
+
+    # launchd has no StateDirectory=: create what the daemon needs before it starts. The
+    # directories are made early (extraActivation), but ownership is set after /etc is linked,
+    # and so after nix-darwin created users and groups (the users phase runs after
+    # extraActivation): on the first activation a new cfg.user does not exist any earlier.
+    # Recursive (an earlier agent user's files, a clone in repoDir) and without following
+    # symlinks (-h, and find does not descend into them). All before the launchd phase starts
+    # the daemon.
     system.activationScripts.extraActivation.text = ''
-      # nixfleet-agent: state, runtime and log file, owned by the agent's user
-      mkdir -p ${runtimeDir}
-      chown ${cfg.user} ${stateDir} ${runtimeDir}
-      chmod 0700 ${stateDir} ${runtimeDir}
-      touch ${logFile}
-      chown ${cfg.user} ${logFile}
+      # nixfleet-agent: state and runtime directories, private log file
+      # (BSD tools by absolute path: -h acts on a symlink itself, never on what it names.)
+      /bin/mkdir -p ${runtimeDir}
+      /bin/chmod -h 0700 ${stateDir} ${runtimeDir}
+      /usr/bin/touch ${logFile}
+      /bin/chmod -h 0600 ${logFile}
+    '';
+    system.activationScripts.etc.text = lib.mkAfter ''
+      # nixfleet-agent: everything it keeps belongs to ${cfg.user}
+      /usr/bin/find ${stateDir} ! -user ${cfg.user} -exec /usr/sbin/chown -h ${cfg.user} {} +
+      /usr/sbin/chown -h ${cfg.user} ${logFile}
     '';
 
     # Restart the agent when its binary or settings changed (store paths compared), since the
@@ -59,7 +94,8 @@ in
     # left alone, exits 10 by itself after reporting if its binary changed, and a settings-only
     # change applies at its next restart (dashboard `restart`).
     system.activationScripts.postActivation.text = ''
-      nixfleet_stamp=${stateDir}/activated
+      # Outside the state directory, which may belong to cfg.user: root writes this file.
+      nixfleet_stamp=${stateDir}.activated
       nixfleet_want='${lib.getExe' cfg.package "nixfleet-agent"} ${render.configFile}'
       if [ -f "$nixfleet_stamp" ] && [ "$(cat "$nixfleet_stamp")" != "$nixfleet_want" ]; then
         nixfleet_pid=$(/bin/launchctl print system/${label} 2>/dev/null \
@@ -92,8 +128,9 @@ in
         # What launchd will start next time: a switch that changes it makes the agent exit 10.
         NIXFLEET_AGENT_PATH = agentPath;
         HOME = home;
-        PATH = "/run/current-system/sw/bin:/nix/var/nix/profiles/default/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
+        PATH = "${toolsPath}/bin:/run/current-system/sw/bin:/nix/var/nix/profiles/default/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
       }
+      // lib.optionalAttrs (caBundle != null) { SSL_CERT_FILE = caBundle; NIX_SSL_CERT_FILE = caBundle; }
       # Read by path at runtime; never copied to the store.
       // lib.optionalAttrs (cfg.tokenFile != null) { NIXFLEET_TOKEN_FILE = cfg.tokenFile; }
       // cfg.extraEnvironment;
@@ -107,6 +144,9 @@ in
         # See plists/org.nixfleet.agent.plist: the one class launchd does not throttle.
         ProcessType = lib.mkDefault "Interactive";
         SoftResourceLimits.NumberOfFiles = lib.mkDefault 4096;
+        # No core dumps (systemd: LimitCORE=0): a core of the agent holds the token.
+        SoftResourceLimits.Core = 0;
+        HardResourceLimits.Core = 0;
         Umask = 63; # 0077
         StandardOutPath = logFile;
         StandardErrorPath = logFile;

@@ -5,9 +5,28 @@
 let
   cfg = config.services.nixfleet-agent;
   render = import ./render.nix { inherit lib pkgs cfg; };
+  exporter = config.services.prometheus.exporters.node;
+  # tmpfs: metrics from before a reboot never pass for current ones.
+  metricsDir = "/run/nixfleet-agent-metrics";
 in
 {
   imports = [ ./options.nix ];
+
+  # NixOS only, so declared here and not in ./options.nix.
+  options.services.nixfleet-agent.prometheus.enable = lib.mkOption {
+    type = lib.types.bool;
+    default = false;
+    description = ''
+      Publish the agent's metrics through `services.prometheus.exporters.node` (which must be
+      enabled): sets {option}`services.nixfleet-agent.metricsFile` to
+      `${metricsDir}/nixfleet-agent.prom`, creates that directory with systemd-tmpfiles
+      (mode 0755, owned by {option}`services.nixfleet-agent.user`, so the exporter's user can
+      read it), and adds `--collector.textfile.directory=${metricsDir}` to the exporter's
+      `extraFlags` (node_exporter 1.9 and later accept the flag more than once, so a textfile
+      directory of your own keeps working). The textfile collector is on by default; do not
+      list it in `disabledCollectors`.
+    '';
+  };
 
   config = lib.mkIf cfg.enable {
     assertions = render.assertions ++ [
@@ -16,12 +35,29 @@ in
         message = "services.nixfleet-agent.user = \"${cfg.user}\" is not a user of this system: declare users.users.${cfg.user}, or keep the default \"root\".";
       }
       {
+        assertion = cfg.prometheus.enable -> exporter.enable;
+        message = "services.nixfleet-agent.prometheus.enable publishes metrics through node-exporter's textfile collector: also set services.prometheus.exporters.node.enable = true, or turn it off.";
+      }
+      {
         assertion = cfg.user == "root" || config.security.sudo.enable;
         message = "services.nixfleet-agent.user = \"${cfg.user}\" needs sudo for nixos-rebuild: enable security.sudo, or keep the default user \"root\".";
       }
     ];
 
+    warnings = lib.optional (cfg.user != "root") ''
+      services.nixfleet-agent.user = "${cfg.user}": a non-root agent cannot start the transient
+      systemd unit a switch normally runs in, so its switches run inside the agent's service and
+      are cut short if the agent stops, restarts or crashes meanwhile. Keep the default user
+      "root" for isolated switches.
+    '';
+
     services.nixfleet-agent.settings = lib.mapAttrs (_: lib.mkDefault) render.fromOptions;
+
+    services.nixfleet-agent.metricsFile = lib.mkIf cfg.prometheus.enable (lib.mkDefault "${metricsDir}/nixfleet-agent.prom");
+    services.prometheus.exporters.node.extraFlags = lib.mkIf cfg.prometheus.enable [ "--collector.textfile.directory=${metricsDir}" ];
+    # The agent replaces the file atomically (a temporary file in the same directory, then a
+    # rename), so it needs the directory itself; the exporter only reads.
+    systemd.tmpfiles.rules = lib.mkIf cfg.prometheus.enable [ "d ${metricsDir} 0755 ${cfg.user} root - -" ];
 
     # On PATH for operators (`nixfleet-agent check-config --config /etc/nixfleet-agent/agent.toml`),
     # and /run/current-system/sw/bin/nixfleet-agent is how the agent notices that a switch
@@ -93,6 +129,8 @@ in
         TimeoutStopSec = 45;
         KillMode = "mixed";
         OOMPolicy = "continue";
+        # No core dumps: a core of the agent holds the token.
+        LimitCORE = 0;
 
         StateDirectory = "nixfleet-agent";
         StateDirectoryMode = "0700";

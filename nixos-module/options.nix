@@ -1,7 +1,8 @@
-# The options of services.nixfleet-agent, shared by the NixOS module (./default.nix) and the
-# nix-darwin module (../darwin-module/default.nix). Options only: what the service looks like on
-# each platform lives in those two files, and how options become the agent's TOML config lives
-# in ./render.nix.
+# The options of services.nixfleet-agent, shared by the NixOS module (./default.nix), the
+# nix-darwin module (../darwin-module/default.nix) and the home-manager module
+# (../home-manager-module/default.nix). Options only: what the service looks like on each
+# platform lives in those files, and how options become the agent's TOML config lives in
+# ./render.nix.
 #
 # Every typed option that the agent reads is a default for one key of `settings` (RFC 42), so
 # `settings` is the single source of the rendered config file and also the escape hatch for
@@ -29,10 +30,32 @@ in
     package = lib.mkPackageOption pkgs "nixfleet-agent" { };
 
     url = mkOption {
-      type = types.nullOr (types.strMatching "https?://.+");
+      type = types.nullOr (types.strMatching "(https?|wss?)://.+");
       default = null;
-      example = "https://fleet.example.com";
-      description = "Base URL of the dashboard (`url`). Plain `http://` also needs {option}`allowInsecureHttp`.";
+      example = "wss://fleet.example.com/ws";
+      description = ''
+        The dashboard (`url`). Its scheme picks the protocol (see {option}`protocol`):
+        `https://fleet.example.com` is a v1 dashboard (HTTP polling, the base URL), and
+        `wss://fleet.example.com/ws` a v2 dashboard (one WebSocket; the URL must end in `/ws`).
+        Plain `http://` or `ws://` also needs {option}`allowInsecureHttp`.
+      '';
+    };
+
+    protocol = mkOption {
+      type = types.enum [ "auto" "v1" "v2" ];
+      default = "auto";
+      description = ''
+        Which dashboard protocol to speak (`protocol`, `NIXFLEET_PROTOCOL`): `auto` follows the
+        scheme of {option}`url` (`https`/`http`: v1, `wss`/`ws`: v2); `v1` or `v2` forces one
+        and maps the scheme (`https` <-> `wss`).
+
+        Settings by protocol: {option}`tokenFile`, {option}`caFile`, {option}`pinnedPubkey`,
+        {option}`allowInsecureHttp`, {option}`interval` and the display fields apply to both.
+        Only v1 knows per-host tokens: the token cache (`token_cache`, `NIXFLEET_TOKEN_CACHE`,
+        default `<state dir>/token`) is used and written by v1 alone; v2 always presents the
+        token from {option}`tokenFile` (the dashboard's shared agent token) and leaves the cache
+        untouched. The `pull-reset` command exists only in v1.
+      '';
     };
 
     tokenFile = mkOption {
@@ -41,8 +64,9 @@ in
       example = "/run/secrets/nixfleet-token";
       description = ''
         Absolute path, on the host, of a file holding the dashboard token (the bare token or
-        `NIXFLEET_TOKEN=<token>`). It is read at runtime and never copied to the Nix store: on
-        NixOS through systemd `LoadCredential=`, on macOS as `NIXFLEET_TOKEN_FILE`. Use a
+        `NIXFLEET_TOKEN=<token>`): for v1 the shared or per-host token, for v2 the dashboard's
+        `NIXFLEET_AGENT_TOKEN`. It is read at runtime and never copied to the Nix store: on
+        NixOS through systemd `LoadCredential=`, elsewhere as `NIXFLEET_TOKEN_FILE`. Use a
         secrets manager path (sops-nix, agenix) or a file created by hand with mode 0600.
       '';
     };
@@ -140,33 +164,51 @@ in
         rule for `nixos-rebuild` / `darwin-rebuild` only. That user can still apply any
         configuration it can commit, so it is root-equivalent; the benefit is that the agent
         itself (network client, git) does not run as root.
+
+        On NixOS a non-root agent loses switch isolation: only root may start the transient
+        systemd unit a switch normally runs in, so the switch runs inside the agent's own service,
+        and stopping or restarting the agent (or a crash) during a switch cuts the switch short.
+        The module warns about this. On macOS the switch still runs in its own session.
       '';
     };
 
     allowInsecureHttp = mkOption {
       type = types.bool;
       default = false;
-      description = "Allow an `http://` {option}`url` (`allow_insecure_http`). The token then crosses the network in clear text; for tests and trusted links only.";
+      description = "Allow an `http://` or `ws://` {option}`url` (`allow_insecure_http`), for v1 and v2 alike. The token then crosses the network in clear text; for tests and trusted links only.";
     };
 
     caFile = mkOption {
       type = hostPath;
       default = null;
       example = "/etc/ssl/certs/fleet-ca.pem";
-      description = "PEM file of CA certificates trusted for the dashboard (`ca_file`), instead of the system roots.";
+      description = "PEM file of CA certificates trusted for the dashboard (`ca_file`), instead of the system roots; v1 and v2.";
     };
 
     pinnedPubkey = mkOption {
       type = types.nullOr (types.strMatching "(sha256//[A-Za-z0-9+/]{43}=(;sha256//[A-Za-z0-9+/]{43}=)*)|(/.+)");
       default = null;
       example = "sha256//YhKJKSzoTt2b5FP18fvpHo7fJYqQCjAa3HWY3tvRMwE=";
-      description = "Public key pin(s) for the dashboard (`pinned_pubkey`): `sha256//<base64>` separated by `;`, or the path of a public key file, as curl's `--pinnedpubkey`.";
+      description = "Public key pin(s) for the dashboard (`pinned_pubkey`): `sha256//<base64>` separated by `;`, or the path of a public key file, as curl's `--pinnedpubkey`; checked in addition to the chain, for v1 and v2.";
     };
 
     switchMode = mkOption {
       type = types.enum [ "auto" "nixos" "darwin" "home-manager" ];
       default = "auto";
       description = "How a switch is applied (`switch_mode`): `auto` picks nixos-rebuild on NixOS and darwin-rebuild on macOS.";
+    };
+
+    metricsFile = mkOption {
+      type = hostPath;
+      default = null;
+      example = "/run/nixfleet-agent-metrics/nixfleet-agent.prom";
+      description = ''
+        Where the agent writes Prometheus text-format metrics (`metrics_file`,
+        `NIXFLEET_METRICS_FILE`), replaced atomically, for node-exporter's textfile collector;
+        `null` writes none. The file's directory must exist and be writable by
+        {option}`user`. On NixOS, {option}`prometheus.enable` sets this and wires it to
+        `services.prometheus.exporters.node`.
+      '';
     };
 
     logLevel = mkOption {

@@ -13,6 +13,19 @@ let
 
   isHostPath = p: lib.hasPrefix "/" p && !lib.hasPrefix "${builtins.storeDir}/" p;
 
+  # The assertions judge the final settings, whether a value came from a typed option or was
+  # written into `settings` directly (RFC 42: both are the same key).
+  s = cfg.settings;
+  url = toString (s.url or "");
+  scheme = lib.head (lib.splitString "://" url);
+  plain = lib.elem scheme [ "http" "ws" ];
+  protocol =
+    if (s.protocol or "auto") != "auto" then s.protocol
+    else if lib.elem scheme [ "wss" "ws" ] then "v2"
+    else "v1";
+  # What the agent requires of a v2 URL: scheme://host[:port]/ws, nothing after /ws.
+  v2UrlOk = builtins.match "[a-z]+://[^/?#@]+/ws" url != null;
+
   # Keys whose value names a file on the target host: the build sandbox does not have it, and
   # the agent reads these files while validating, so they are left out of the build-time check.
   hostFileKeys =
@@ -26,7 +39,7 @@ in
   # so a key set in `settings` wins.
   fromOptions =
     {
-      inherit (cfg) interval branch;
+      inherit (cfg) interval branch protocol;
       switch_mode = cfg.switchMode;
       allow_insecure_http = cfg.allowInsecureHttp;
     }
@@ -41,6 +54,7 @@ in
     // optional "ca_file" cfg.caFile
     // optional "pinned_pubkey" cfg.pinnedPubkey
     // optional "log" cfg.logLevel
+    // optional "metrics_file" cfg.metricsFile
     // optional "stall_timeout" cfg.stallTimeout
     // optional "git_timeout" cfg.timeouts.git
     // optional "git_local_timeout" cfg.timeouts.gitLocal
@@ -75,19 +89,27 @@ in
 
   assertions = [
     {
-      assertion = cfg.settings ? url;
-      message = "services.nixfleet-agent.url must be set to the dashboard's base URL, e.g. \"https://fleet.example.com\".";
+      assertion = s ? url;
+      message = "services.nixfleet-agent.url must be set to the dashboard: \"https://fleet.example.com\" (v1) or \"wss://fleet.example.com/ws\" (v2).";
     }
     {
-      assertion = cfg.url != null && lib.hasPrefix "http://" cfg.url -> cfg.allowInsecureHttp;
-      message = "services.nixfleet-agent.url is plain http, which sends the token in clear text: use https, or set services.nixfleet-agent.allowInsecureHttp = true for a test or a trusted link.";
+      assertion = url == "" || lib.elem scheme [ "https" "http" "wss" "ws" ];
+      message = "services.nixfleet-agent.url = \"${url}\" must start with https:// (v1 dashboard) or wss:// (v2 dashboard).";
     }
     {
-      assertion = (cfg.settings ? repo_url) != (cfg.settings ? nixcfg);
+      assertion = plain -> (s.allow_insecure_http or false);
+      message = "services.nixfleet-agent.url = \"${url}\" is plain ${scheme}, which sends the token in clear text: use https:// or wss://, or set services.nixfleet-agent.allowInsecureHttp = true for a test or a trusted link.";
+    }
+    {
+      assertion = url == "" || protocol != "v2" || v2UrlOk;
+      message = "services.nixfleet-agent.url = \"${url}\" is a v2 (WebSocket) dashboard URL, which must be exactly the dashboard's /ws endpoint, e.g. \"wss://fleet.example.com/ws\".";
+    }
+    {
+      assertion = (s ? repo_url) != (s ? nixcfg);
       message = "services.nixfleet-agent: set exactly one of repoUrl (isolated mode: the agent clones the repository into repoDir) or configRepo (legacy mode: an existing checkout used in place, e.g. \"/etc/nixos\").";
     }
     {
-      assertion = cfg.settings ? repo_url -> cfg.settings ? repo_dir;
+      assertion = s ? repo_url -> s ? repo_dir;
       message = "services.nixfleet-agent.repoUrl needs services.nixfleet-agent.repoDir: the absolute path the agent clones into, e.g. \"/var/lib/nixfleet-agent/repo\".";
     }
     {
@@ -99,15 +121,15 @@ in
       message = "services.nixfleet-agent.tokenFile must be an absolute path on the host, outside ${builtins.storeDir} (the store is world-readable), not \"${toString cfg.tokenFile}\".";
     }
     {
-      assertion = cfg.sshKeyFile == null || isHostPath cfg.sshKeyFile;
-      message = "services.nixfleet-agent.sshKeyFile must be an absolute path on the host, outside ${builtins.storeDir} (the store is world-readable).";
+      assertion = !(s ? ssh_key) || isHostPath (toString s.ssh_key);
+      message = "services.nixfleet-agent.sshKeyFile (settings.ssh_key) must be an absolute path on the host, outside ${builtins.storeDir} (the store is world-readable).";
     }
     {
-      assertion = lib.all (d: d == null || lib.hasPrefix "/" d) [ cfg.repoDir cfg.configRepo cfg.caFile ];
-      message = "services.nixfleet-agent: repoDir, configRepo and caFile must be absolute paths.";
+      assertion = lib.all (k: !(s ? ${k}) || lib.hasPrefix "/" (toString s.${k})) [ "repo_dir" "nixcfg" "ca_file" "metrics_file" ];
+      message = "services.nixfleet-agent: repoDir, configRepo, caFile and metricsFile (settings repo_dir, nixcfg, ca_file, metrics_file) must be absolute paths.";
     }
     {
-      assertion = !(cfg.extraEnvironment ? NIXFLEET_TOKEN) && !(cfg.settings ? token);
+      assertion = !(cfg.extraEnvironment ? NIXFLEET_TOKEN) && !(s ? token);
       message = "services.nixfleet-agent: a token in extraEnvironment or settings would be copied into the world-readable Nix store; put it in a file and set services.nixfleet-agent.tokenFile.";
     }
   ];

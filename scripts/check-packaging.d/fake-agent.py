@@ -10,6 +10,7 @@ under a real systemd. It follows the agent's interface where the unit depends on
 * `exit N` in the mode file ($FAKE_MODE_FILE): reset the file to `run`, exit N.
 """
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -56,6 +57,7 @@ log(f"state={state} state_mode={mode_bits(state)} runtime={runtime} runtime_mode
 umask = os.umask(0)
 os.umask(umask)
 log(f"umask={umask:04o}")
+log(f"core_limit={resource.getrlimit(resource.RLIMIT_CORE)}")
 log(f"home={os.environ.get('HOME')} user={os.environ.get('USER')}")
 log(f"path={os.environ.get('PATH')}")
 log(f"watchdog_usec={os.environ.get('WATCHDOG_USEC')}")

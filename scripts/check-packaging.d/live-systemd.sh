@@ -39,7 +39,7 @@ check "system unit: STATUS= text" '[ "$(show StatusText)" = "fake agent ready" ]
 log=$(fake)
 for want in "token_ok=True" "url=https://fleet.example.com" "umask=0077" "home=/root user=root" \
   "state=/var/lib/nixfleet-agent state_mode=700 runtime=/run/nixfleet-agent runtime_mode=700" \
-  "watchdog_usec=60000000" "cache_mode=600" "path=/run/wrappers/bin:"; do
+  "watchdog_usec=60000000" "cache_mode=600" "path=/run/wrappers/bin:" "core_limit=(0, 0)"; do
   check "system unit: agent sees $want" 'grep -qF "FAKE $want" <<<"$log"' "$(tr '\n' ' ' <<<"$log")"
 done
 for code in 0 10 1 70 73 75; do
@@ -90,7 +90,7 @@ as_alice "systemctl --user daemon-reload; systemctl --user start nixfleet-agent.
 check "user unit: Type=notify start -> active" '[ "$(ushow ActiveState)" = active ]' "$(ushow ActiveState)"
 ulog=$(ct journalctl -b --no-pager -o cat _UID=1000 | grep '^FAKE')
 for want in "token_ok=True" "url=https://fleet.example.com" "umask=0077" "home=$H user=alice" \
-  "runtime=/run/user/1000/nixfleet-agent runtime_mode=700" "cache_mode=600"; do
+  "runtime=/run/user/1000/nixfleet-agent runtime_mode=700" "cache_mode=600" "core_limit=(0, 0)"; do
   check "user unit: agent sees $want" 'grep -qF "$want" <<<"$ulog"' "$(tr '\n' ' ' <<<"$ulog")"
 done
 n=$(ushow NRestarts); as_alice "echo 'exit 10' > $H/mode"

@@ -10,6 +10,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
+#[cfg(target_os = "linux")]
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -242,8 +243,10 @@ fn age_file(path: &Path, ago: Duration) {
 }
 
 /// A helper process (sleep, flock) killed and reaped on drop.
+#[cfg(target_os = "linux")]
 struct Helper(Child);
 
+#[cfg(target_os = "linux")]
 impl Helper {
     fn spawn(program: &str, args: &[&str]) -> Helper {
         Helper(
@@ -262,6 +265,7 @@ impl Helper {
     }
 }
 
+#[cfg(target_os = "linux")]
 impl Drop for Helper {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -675,6 +679,8 @@ fn stopped_stale_agent_is_verified_terminated_and_replaced() {
     eprintln!("the replaced agent ended with {status:?}");
 }
 
+/// Linux only: util-linux `flock` holds the lock (macOS has no flock(1)).
+#[cfg(target_os = "linux")]
 #[test]
 fn unrelated_lock_holder_and_recorded_pid_are_never_signalled() {
     let mut h = Harness::new();

@@ -24,6 +24,8 @@
 //!   the instance lock (refusal 75, release after kill -9, verified takeover, unrelated holders
 //!   never signalled), exit 73 without a directory, timestamped logs outside journald, SIGTERM
 //!   at the first notification is a clean stop.
+//! - `fleet`: issue 11: switch isolation without systemd, restart causes, changes made by
+//!   others, `nixfleet-agent status`, reboot needed, the metrics file.
 
 #![allow(
     clippy::disallowed_methods,
@@ -33,6 +35,7 @@
 mod commands;
 mod core;
 mod crash;
+mod fleet;
 mod resilience;
 mod rows;
 mod supervisor;

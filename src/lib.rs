@@ -16,5 +16,8 @@ pub mod exit;
 pub mod facts;
 pub mod lock;
 pub mod logging;
+pub mod metrics_file;
+pub mod restart_cause;
+pub mod status;
 pub mod store;
 pub mod supervisor;

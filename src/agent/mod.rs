@@ -12,6 +12,7 @@
 //! `/status` comes next (contract §3.3).
 
 pub mod backoff;
+mod observe;
 pub mod outbox;
 
 use std::collections::{HashSet, VecDeque};
@@ -111,6 +112,8 @@ pub struct Startup {
     pub progress: Arc<Progress>,
     /// The service definition as it was at startup.
     pub definition: Arc<crate::definition::Definition>,
+    /// Why this start happened (`restart_cause::on_start`).
+    pub start: crate::restart_cause::Start,
 }
 
 struct Running {
@@ -207,6 +210,8 @@ pub struct Agent<T: Transport> {
     held_reports: Vec<Report>,
     refusal: Option<Refusal>,
     definition: Arc<crate::definition::Definition>,
+    /// Status record, metrics file, reboot-needed, restart cause, changes made by others.
+    observer: observe::Observer,
 }
 
 fn command_label(job: &Job) -> String {
@@ -285,6 +290,7 @@ impl<T: Transport> Agent<T> {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let settings = startup.settings;
         let generation = settings.repo.dir().and_then(read_git_head);
+        let observer = observe::Observer::new(&settings, &startup.state_dir, startup.start);
         let mut agent = Agent {
             state_dir: startup.state_dir,
             transport,
@@ -311,6 +317,7 @@ impl<T: Transport> Agent<T> {
             held_reports: Vec::new(),
             refusal: None,
             definition: startup.definition,
+            observer,
             report_failed_last: false,
             settings,
         };
@@ -344,7 +351,11 @@ impl<T: Transport> Agent<T> {
         let started = Report::Status(StatusReport {
             status: Outcome::Ok,
             current_generation: agent.generation.clone(),
-            output: Some(format!("Agent started ({})", agent.settings.agent_version)),
+            output: Some(format!(
+                "Agent started ({}): {}",
+                agent.settings.agent_version,
+                agent.observer.cause_text()
+            )),
             test_status: None,
         });
         if agent.resume.is_some() {
@@ -426,7 +437,9 @@ impl<T: Transport> Agent<T> {
             self.start_next_command();
             self.start_request();
             self.notifier.status(&self.status_line());
+            self.observe_tick();
             if let Some(code) = self.stop_done() {
+                self.record_exit(code);
                 self.notifier
                     .stopping(&format!("stopped (exit code {code})"));
                 return code;
@@ -611,6 +624,7 @@ impl<T: Transport> Agent<T> {
             }
             ExecEvent::Report(report) => {
                 tracing::debug!("queued report: {}", describe(&report));
+                self.observer.saw_report(&report);
                 let detached = self
                     .running
                     .as_mut()
@@ -634,9 +648,14 @@ impl<T: Transport> Agent<T> {
                 }
                 let _ = recorded.send(());
             }
-            ExecEvent::Facts(os) => self.os = os,
+            ExecEvent::Facts(os) => {
+                self.os = os;
+                self.refresh_reboot();
+            }
             ExecEvent::Finished { exit, left_running } => {
                 if let Some(running) = self.running.take() {
+                    self.observer
+                        .command_finished(&running.name, running.started.elapsed(), exit);
                     tracing::info!(
                         NIXFLEET_COMMAND = %running.name,
                         NIXFLEET_DURATION_MS = running.started.elapsed().as_millis() as u64,
@@ -1171,6 +1190,7 @@ impl<T: Transport> Agent<T> {
         if let Some(g) = &self.generation {
             parts.push(format!("generation {}", g.get(..12).unwrap_or(g)));
         }
+        parts.extend(self.observe_status_parts());
         parts.join("; ")
     }
 }

@@ -13,7 +13,9 @@ const T: Duration = Duration::from_secs(15);
 fn path_without_systemd(h: &Harness) -> String {
     let tools = h.tmp.path().join("tools");
     std::fs::create_dir_all(&tools).unwrap();
-    for tool in ["sh", "sleep", "touch", "env", "printf", "cat", "git", "rm", "ln"] {
+    for tool in [
+        "sh", "sleep", "touch", "env", "printf", "cat", "git", "rm", "ln",
+    ] {
         let found = ["/usr/bin", "/bin", "/usr/local/bin"]
             .iter()
             .map(|d| Path::new(d).join(tool))

@@ -294,7 +294,8 @@ pub fn render(r: &Report) -> String {
             let _ = writeln!(out, "  agent:      no lock record");
         }
     }
-    if let Some(age) = r.last_progress_secs_ago {
+    let alive = r.lock_holder.as_ref().is_some_and(|h| h.alive);
+    if let Some(age) = r.last_progress_secs_ago.filter(|_| alive) {
         let _ = writeln!(
             out,
             "  main loop:  last progress {} ago",
@@ -306,6 +307,14 @@ pub fn render(r: &Report) -> String {
             .as_ref()
             .is_some_and(|h| h.pid as u32 == a.pid)
     });
+    // A dead agent's record is what it last said, not the present.
+    let label = |name: &str| {
+        if alive {
+            format!("{name}:")
+        } else {
+            format!("{name} (last known):")
+        }
+    };
     if let Some(a) = record {
         let link = match (a.outage_since_unix, a.last_heartbeat_unix) {
             (Some(since), last) => format!(
@@ -321,7 +330,7 @@ pub fn render(r: &Report) -> String {
             (None, Some(last)) => format!("last heartbeat {} ago", ago(last, now)),
             (None, None) => "no heartbeat yet".into(),
         };
-        let _ = writeln!(out, "  dashboard:  {link}");
+        let _ = writeln!(out, "  {:<11} {link}", label("dashboard"));
         match &a.running {
             Some(run) => {
                 let timeout = run
@@ -330,7 +339,8 @@ pub fn render(r: &Report) -> String {
                     .unwrap_or_default();
                 let _ = writeln!(
                     out,
-                    "  command:    {} for {}, step {} for {}{timeout}{}",
+                    "  {:<11} {} for {}, step {} for {}{timeout}{}",
+                    label("command"),
                     run.command,
                     ago(run.started_unix, now),
                     run.step,
@@ -343,7 +353,7 @@ pub fn render(r: &Report) -> String {
                 );
             }
             None => {
-                let _ = writeln!(out, "  command:    none ({})", a.state);
+                let _ = writeln!(out, "  {:<11} none ({})", label("command"), a.state);
             }
         }
         if !a.queued.is_empty() {
@@ -407,10 +417,32 @@ pub fn render(r: &Report) -> String {
         }
     }
     let _ = writeln!(out, "  state dir:  {}", r.state_dir.display());
-    let _ = writeln!(out, "  config:");
-    for line in r.config.lines() {
-        let _ = writeln!(out, "    {line}");
+    // The settings that matter when reading the above, a few to a line (token redacted).
+    let wanted = [
+        "url",
+        "token",
+        "hostname",
+        "interval",
+        "repo",
+        "switch_mode",
+        "switch_isolation",
+        "stall_timeout",
+    ];
+    let items: Vec<&str> = r
+        .config
+        .lines()
+        .filter(|l| wanted.iter().any(|k| l.starts_with(&format!("{k} = "))))
+        .collect();
+    let mut line = String::from("  config:    ");
+    for item in items {
+        if line.len() > 14 && line.len() + item.len() > 98 {
+            let _ = writeln!(out, "{}", line.trim_end_matches([',', ' ']));
+            line = String::from("             ");
+        }
+        line.push_str(item);
+        line.push_str(", ");
     }
+    let _ = writeln!(out, "{}", line.trim_end_matches([',', ' ']));
     out
 }
 

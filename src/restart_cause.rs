@@ -5,12 +5,13 @@
 //!
 //! Three records in the state directory, each written atomically (0600):
 //! - `lifecycle.json`, by the agent: its boot id, pid and start time, written at start with no
-//!   exit, and completed with the exit reason when it exits on its own (or panics), plus
+//!   exit, and completed with the exit reason when it exits on its own, plus
 //!   restart counts by cause;
 //! - `last-exit.json`, by `nixfleet-agent record-exit`, which the systemd units run as
 //!   `ExecStopPost=`: systemd's own verdict (`SERVICE_RESULT`, `EXIT_CODE`, `EXIT_STATUS`),
 //!   the only witness of a watchdog kill or a kill -9;
-//! - `stalled`, by the stall monitor just before it exits 70 (no systemd on macOS).
+//! - `stalled`, by the stall monitor just before it exits 70, and `panicked`, by the panic hook
+//!   (for hosts without systemd, like macOS).
 //!
 //! At the next start: a different boot id means the host rebooted; a recorded clean exit
 //! names itself; otherwise systemd's verdict or the stall marker, and without either the
@@ -35,6 +36,8 @@ pub const LIFECYCLE_FILE: &str = "lifecycle.json";
 pub const LAST_EXIT_FILE: &str = "last-exit.json";
 /// Written by the stall monitor before exit 70.
 pub const STALLED_FILE: &str = "stalled";
+/// Written by the panic hook: `pid=<pid>` and the message.
+pub const PANICKED_FILE: &str = "panicked";
 
 const VERSION: u32 = 1;
 
@@ -56,8 +59,6 @@ pub enum ExitReason {
     OwnSwitch { detail: String },
     /// Exit 10 after its binary or definition was changed by another route.
     DefinitionChanged { detail: String },
-    /// A panic (exit 101).
-    Panic { message: String },
     /// Any other exit code.
     Other,
 }
@@ -163,6 +164,9 @@ struct Previous<'a> {
     lifecycle: Option<&'a Lifecycle>,
     systemd: Option<&'a SystemdExit>,
     stalled_pid: Option<u32>,
+    /// A panic of that pid, with its message. A panicking command task does not end the
+    /// process, so this counts only after systemd's verdict and only when nothing else did.
+    panicked: Option<(u32, String)>,
     boot_id: Option<&'a str>,
 }
 
@@ -185,9 +189,6 @@ fn determine(p: &Previous<'_>) -> Cause {
             },
             ExitReason::DefinitionChanged { detail } => Cause::DefinitionChanged {
                 detail: detail.clone(),
-            },
-            ExitReason::Panic { message } => Cause::Crashed {
-                how: format!("panic: {message}"),
             },
             ExitReason::Other => Cause::Crashed {
                 how: format!("exit code {}", exit.code),
@@ -224,7 +225,22 @@ fn determine(p: &Previous<'_>) -> Cause {
             },
         };
     }
+    if let Some((pid, message)) = &p.panicked
+        && *pid == prev.pid
+    {
+        return Cause::Crashed {
+            how: format!("panic: {message}"),
+        };
+    }
     Cause::Vanished
+}
+
+/// Reads a `pid=<pid>\n<rest>` marker.
+fn read_marker(path: &Path) -> Option<(u32, String)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let (first, rest) = text.split_once('\n').unwrap_or((&text, ""));
+    let pid = first.trim().strip_prefix("pid=")?.parse().ok()?;
+    Some((pid, rest.trim().to_string()))
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
@@ -267,13 +283,13 @@ pub fn on_start(state_dir: &Path) -> Start {
     let lifecycle_path = state_dir.join(LIFECYCLE_FILE);
     let prev: Option<Lifecycle> = read_json(&lifecycle_path);
     let systemd: Option<SystemdExit> = read_json(&state_dir.join(LAST_EXIT_FILE));
-    let stalled_pid = std::fs::read_to_string(state_dir.join(STALLED_FILE))
-        .ok()
-        .and_then(|s| s.trim().strip_prefix("pid=")?.parse().ok());
+    let stalled_pid = read_marker(&state_dir.join(STALLED_FILE)).map(|(pid, _)| pid);
+    let panicked = read_marker(&state_dir.join(PANICKED_FILE));
     let cause = determine(&Previous {
         lifecycle: prev.as_ref(),
         systemd: systemd.as_ref(),
         stalled_pid,
+        panicked,
         boot_id: boot_id.as_deref(),
     });
     let mut restarts = prev.map(|p| p.restarts).unwrap_or_default();
@@ -292,7 +308,7 @@ pub fn on_start(state_dir: &Path) -> Start {
             restarts: restarts.clone(),
         },
     );
-    for consumed in [LAST_EXIT_FILE, STALLED_FILE] {
+    for consumed in [LAST_EXIT_FILE, STALLED_FILE, PANICKED_FILE] {
         let _ = std::fs::remove_file(state_dir.join(consumed));
     }
     let _ = STATE_DIR.set(state_dir.to_path_buf());
@@ -360,8 +376,13 @@ fn install_panic_hook() {
                 .location()
                 .map(|l| format!(" at {}:{}", l.file(), l.line()))
                 .unwrap_or_default();
-            let message: String = format!("{message}{location}").chars().take(300).collect();
-            record_exit(dir, 101, ExitReason::Panic { message });
+            let message: String = format!("{message}{location}")
+                .chars()
+                .take(300)
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            let marker = format!("pid={}\n{message}\n", std::process::id());
+            let _ = crate::store::write_atomic(&dir.join(PANICKED_FILE), marker.as_bytes());
         }
         previous(info);
     }));
@@ -463,6 +484,7 @@ mod tests {
             lifecycle: l,
             systemd: s,
             stalled_pid: stalled,
+            panicked: None,
             boot_id: Some("b1"),
         })
     }
@@ -515,6 +537,19 @@ mod tests {
         assert_eq!(cause(Some(&l), None, None), Cause::Vanished);
         assert_eq!(cause(Some(&l), None, Some(42)), Cause::Stalled);
         assert_eq!(cause(Some(&l), None, Some(7)), Cause::Vanished);
+        let panicked = determine(&Previous {
+            lifecycle: Some(&l),
+            systemd: None,
+            stalled_pid: None,
+            panicked: Some((42, "oops at src/x.rs:1".into())),
+            boot_id: Some("b1"),
+        });
+        assert_eq!(
+            panicked,
+            Cause::Crashed {
+                how: "panic: oops at src/x.rs:1".into()
+            }
+        );
     }
 
     #[test]

@@ -188,6 +188,16 @@ impl<T: Transport> Agent<T> {
         }
     }
 
+    /// The next instant [`Agent::observe_tick`] has work to do on its own (the next look at
+    /// the watched files): a loop that sleeps until its next deadline must wake by then.
+    #[expect(
+        dead_code,
+        reason = "for the deadline-driven loop; the 1 s tick covers it today"
+    )]
+    pub(super) fn observe_deadline(&self) -> Instant {
+        self.observer.next_watch
+    }
+
     /// After a switch (new facts): is a reboot needed now?
     pub(super) fn refresh_reboot(&mut self) {
         self.observer.reboot =

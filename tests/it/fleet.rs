@@ -467,3 +467,32 @@ fn a_switch_to_a_new_kernel_says_a_reboot_is_needed_in_the_report_status_and_met
     assert!(wait_until(T, || std::fs::read_to_string(&metrics)
         .is_ok_and(|m| m.contains("nixfleet_agent_reboot_required 0"))));
 }
+
+#[test]
+fn after_its_own_switch_changed_the_unit_the_next_start_says_so() {
+    let mut h = Harness::new();
+    h.legacy_repo();
+    let unit = h.tmp.path().join("nixfleet-agent.service");
+    std::fs::write(&unit, "[Service]\nExecStart=/old\n").unwrap();
+    h.set("NIXFLEET_RESTART_ON_CHANGE", unit.display().to_string());
+    h.stand_in(
+        "nixos-rebuild",
+        &format!(
+            "printf '[Service]\\nExecStart=/new\\n' > '{}'; echo activated",
+            unit.display()
+        ),
+    );
+    let mut agent = h.spawn();
+    assert!(h.wait_delivered(T, "Agent started"));
+    h.dash.force_command(HOST, "switch");
+    assert_eq!(agent.wait_exit(T).and_then(|s| s.code()), Some(10));
+    let _agent = h.spawn();
+    let starts = wait_starts(&h, 2);
+    assert_eq!(
+        starts[1],
+        format!(
+            "Agent started (0.1.0): after the agent's own switch (new settings: {} changed)",
+            unit.display()
+        )
+    );
+}

@@ -177,15 +177,11 @@ pub fn gather(settings: &Settings, state_dirs: &[PathBuf], runtime_dirs: &[PathB
     let state_dir = first_existing(state_dirs)
         .or_else(|| state_dirs.first().cloned())
         .unwrap_or_default();
-    let runtime_dir = first_existing(runtime_dirs)
-        .filter(|d| d.join(crate::lock::LOCK_FILE).exists())
-        .or_else(|| {
-            // Without a runtime directory the agent may lock in the state directory.
-            state_dir
-                .join(crate::lock::LOCK_FILE)
-                .exists()
-                .then(|| state_dir.clone())
-        });
+    // The agent locks in the first usable candidate (the state directory is the last one).
+    let runtime_dir = runtime_dirs
+        .iter()
+        .find(|d| d.join(crate::lock::LOCK_FILE).exists())
+        .cloned();
     let lock_holder = runtime_dir.as_deref().and_then(|d| {
         let (holder, alive) = crate::lock::inspect(d)?;
         Some(LockHolder {

@@ -406,6 +406,15 @@ fn a_switch_to_a_new_kernel_says_a_reboot_is_needed_in_the_report_status_and_met
     h.set("NIXFLEET_BOOTED_SYSTEM", s.booted.display().to_string());
     h.set("NIXFLEET_CURRENT_SYSTEM", s.current.display().to_string());
     h.set("NIXFLEET_METRICS_FILE", metrics.display().to_string());
+    // A systemd stand-in for STATUS= (sd_notify datagrams).
+    let notify = std::os::unix::net::UnixDatagram::bind(h.tmp.path().join("notify.sock")).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    h.set(
+        "NOTIFY_SOCKET",
+        h.tmp.path().join("notify.sock").display().to_string(),
+    );
     // The activation re-points current-system to the system with the new kernel.
     h.stand_in(
         "nixos-rebuild",
@@ -441,6 +450,19 @@ fn a_switch_to_a_new_kernel_says_a_reboot_is_needed_in_the_report_status_and_met
     assert!(wait_until(T, || status(&h, false).1.contains(
         "reboot:     reboot needed: the running kernel and initrd differ"
     )));
+    let mut buf = vec![0u8; 65536];
+    let status_says_reboot = wait_until(T, || {
+        notify.recv(&mut buf).is_ok_and(|n| {
+            String::from_utf8_lossy(&buf[..n]).lines().any(|l| {
+                l.starts_with("STATUS=")
+                    && l.ends_with("; reboot needed: the running kernel and initrd differ from the current system's")
+            })
+        })
+    });
+    assert!(
+        status_says_reboot,
+        "no STATUS= line says a reboot is needed"
+    );
     let text = std::fs::read_to_string(&metrics).unwrap();
     assert!(
         text.contains("nixfleet_agent_reboot_required 1\n"),

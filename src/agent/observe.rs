@@ -118,7 +118,15 @@ impl Observer {
             (Outcome::Ok, _) => "ok",
             (Outcome::Error, _) => "error",
         };
-        let base = name.split(' ').next().unwrap_or(name).to_string();
+        // A closed set of label values: an unknown name is the dashboard's string, and every
+        // distinct one would be a new time series.
+        let first = name.split(' ').next().unwrap_or(name);
+        let base = match crate::commands::Command::parse(first) {
+            Some(command) => command.name(),
+            None if first == "setup" => "setup",
+            None => "unknown",
+        }
+        .to_string();
         *self.commands.entry((base, result.into())).or_default() += 1;
         if timed_out {
             self.timeouts += 1;

@@ -151,7 +151,8 @@ pub fn render(m: &Metrics) -> String {
 #[derive(Debug)]
 pub struct MetricsFile {
     path: PathBuf,
-    last: String,
+    /// The last values handled: unchanged ones are not even rendered.
+    last: Option<Metrics>,
     failed: bool,
 }
 
@@ -159,16 +160,17 @@ impl MetricsFile {
     pub fn new(path: PathBuf) -> MetricsFile {
         MetricsFile {
             path,
-            last: String::new(),
+            last: None,
             failed: false,
         }
     }
 
     pub fn write(&mut self, metrics: &Metrics) {
-        let text = render(metrics);
-        if text == self.last {
+        if self.last.as_ref() == Some(metrics) {
             return;
         }
+        self.last = Some(metrics.clone());
+        let text = render(metrics);
         match crate::store::write_atomic_unsynced(&self.path, text.as_bytes(), 0o644) {
             Ok(()) => self.failed = false,
             Err(e) if !self.failed => {
@@ -181,7 +183,6 @@ impl MetricsFile {
             }
             Err(_) => {}
         }
-        self.last = text;
     }
 }
 

@@ -79,7 +79,8 @@ impl StatusRecord {
 #[derive(Debug)]
 pub struct Publisher {
     path: PathBuf,
-    last: Vec<u8>,
+    /// The last record handled: an unchanged one is not even serialised.
+    last: Option<StatusRecord>,
     /// Writes so far (for the benchmark and the tests).
     pub writes: u64,
 }
@@ -88,28 +89,23 @@ impl Publisher {
     pub fn new(state_dir: &Path) -> Publisher {
         Publisher {
             path: state_dir.join(STATUS_FILE),
-            last: Vec::new(),
+            last: None,
             writes: 0,
         }
     }
 
     pub fn publish(&mut self, record: &StatusRecord) {
+        if self.last.as_ref() == Some(record) {
+            return;
+        }
+        // Once per distinct content, written or not: the next change tries again.
+        self.last = Some(record.clone());
         let Ok(bytes) = serde_json::to_vec_pretty(record) else {
             return;
         };
-        if bytes == self.last {
-            return;
-        }
         match crate::store::write_atomic_unsynced(&self.path, &bytes, 0o600) {
-            Ok(()) => {
-                self.writes += 1;
-                self.last = bytes;
-            }
-            Err(e) => {
-                // Once per distinct content: the next change tries again.
-                self.last = bytes;
-                tracing::warn!("cannot write {}: {e}", self.path.display());
-            }
+            Ok(()) => self.writes += 1,
+            Err(e) => tracing::warn!("cannot write {}: {e}", self.path.display()),
         }
     }
 }

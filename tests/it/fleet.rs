@@ -221,11 +221,12 @@ fn status_tells_healthy_unreachable_stuck_and_not_running_by_exit_code() {
     // A running command, with its step and timeout.
     h.stand_in("nixos-rebuild", "sleep 4; echo activated");
     h.dash.force_command(HOST, "switch");
-    assert!(wait_until(T, || status(&h, false)
-        .1
-        .contains("command:    switch for")));
+    // ("step starting" for a moment, until the switch's first step.)
+    assert!(wait_until(T, || {
+        let text = status(&h, false).1;
+        text.contains("command:    switch for") && text.contains("step Switch for")
+    }));
     let (_, text) = status(&h, false);
-    assert!(text.contains("step Switch for"), "{text}");
     assert!(text.contains("of 10m0s"), "{text}");
     assert!(h.wait_delivered(T, "Switch: activated"));
 

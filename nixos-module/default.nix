@@ -116,6 +116,9 @@ in
         Type = "notify";
         NotifyAccess = "main";
         ExecStart = "${lib.getExe' cfg.package "nixfleet-agent"} run --config ${render.configFile}";
+        # systemd's verdict on every stop (watchdog, kill, crash) for the next start's restart
+        # cause; "-": never fails the unit.
+        ExecStopPost = "-${lib.getExe' cfg.package "nixfleet-agent"} record-exit --config ${render.configFile}";
         User = cfg.user;
         # Read by path as $CREDENTIALS_DIRECTORY/token: the file stays outside the store and
         # only this service (as cfg.user) can read the copy.

@@ -42,6 +42,18 @@ enum CliCommand {
     /// Validate the configuration, print the effective settings (token redacted), and exit
     /// 0, or 78 with the problem.
     CheckConfig,
+    /// Tell an operator, from the files the agent keeps, what it is doing: lock holder, loop
+    /// progress, dashboard link, running and queued commands, outbox, restart cause, reboot
+    /// needed, config (token redacted). Works when the agent is wedged or dead. Exit 0
+    /// healthy, 1 degraded (dashboard unreachable, reports waiting), 2 stuck or not running.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Record why the agent's service ended, for the next start's restart cause (the systemd
+    /// units run this as `ExecStopPost=`; it reads SERVICE_RESULT, EXIT_CODE, EXIT_STATUS).
+    RecordExit,
     /// Internal: run a switch outside the agent and write its result file (the agent starts
     /// this itself, through systemd-run or a new session).
     #[command(hide = true)]
@@ -118,6 +130,8 @@ pub fn main() -> std::process::ExitCode {
     }
     let code = match cli.command {
         Some(CliCommand::CheckConfig) => check_config(&cli.flags),
+        Some(CliCommand::Status { json }) => status(&cli.flags, json),
+        Some(CliCommand::RecordExit) => record_exit(&cli.flags),
         Some(CliCommand::SwitchWrapper {
             result,
             timeout_ms,
@@ -152,6 +166,53 @@ fn check_config(flags: &Flags) -> u8 {
             exit::CONFIG
         }
     }
+}
+
+fn status(flags: &Flags, json: bool) -> u8 {
+    let settings = match load_settings(flags) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "nixfleet-agent status: configuration error: {e} (status reads the same \
+                 settings as the agent to find its files)"
+            );
+            return crate::status::DOWN;
+        }
+    };
+    let state_dirs = state_dir_candidates(&settings);
+    let state_dir = state_dirs
+        .iter()
+        .find(|d| d.is_dir())
+        .cloned()
+        .unwrap_or_default();
+    let report = crate::status::gather(
+        &settings,
+        &state_dirs,
+        &runtime_dir_candidates(&settings, &state_dir),
+    );
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => eprintln!("nixfleet-agent status: {e}"),
+        }
+    } else {
+        print!("{}", crate::status::render(&report));
+    }
+    report.exit_code
+}
+
+/// `ExecStopPost=`: never fails the unit over a missing setting; the state directory comes
+/// from the settings when they load, else from systemd's `$STATE_DIRECTORY`.
+fn record_exit(flags: &Flags) -> u8 {
+    let dirs = match load_settings(flags) {
+        Ok(settings) => state_dir_candidates(&settings),
+        Err(_) => systemd_dir("STATE_DIRECTORY").into_iter().collect(),
+    };
+    let Some(dir) = dirs.into_iter().find(|d| d.is_dir()) else {
+        eprintln!("nixfleet-agent record-exit: no state directory; set NIXFLEET_STATE_DIR");
+        return exit::NO_STATE_DIR;
+    };
+    crate::restart_cause::record_systemd_exit(&dir, &|key| std::env::var(key).ok())
 }
 
 fn home_dir() -> Option<PathBuf> {
@@ -273,6 +334,12 @@ fn run(flags: &Flags) -> u8 {
             return exit::ALREADY_RUNNING;
         }
     };
+    let start = crate::restart_cause::on_start(&state_dir);
+    tracing::info!(
+        cause = start.cause.key(),
+        "start cause: {}",
+        start.cause.text()
+    );
     let progress = Progress::new(Some(runtime_dir.join(lock::PROGRESS_FILE)));
     if let Err(e) = spawn_stall_monitor(progress.clone(), settings.stall_timeout) {
         tracing::error!("cannot start the stall monitor thread: {e}");
@@ -356,6 +423,7 @@ fn run(flags: &Flags) -> u8 {
             notifier,
             progress,
             definition,
+            start,
         };
         match link {
             AnyLink::V1(link) => {

@@ -120,6 +120,8 @@ settings_table! {
     #[cfg(feature = "test-hooks")]
     "debug_wedge_file" => "NIXFLEET_DEBUG_WEDGE_FILE";
     "metrics_file" => "NIXFLEET_METRICS_FILE";
+    "booted_system" => "NIXFLEET_BOOTED_SYSTEM";
+    "current_system" => "NIXFLEET_CURRENT_SYSTEM";
 }
 
 fn setting(key: &str) -> &'static SettingName {
@@ -473,6 +475,10 @@ pub struct Settings {
     /// Prometheus text-format metrics for node-exporter's textfile collector, written
     /// atomically; `None` writes none.
     pub metrics_file: Option<PathBuf>,
+    /// The system the host booted and the one active now (NixOS: `/run/booted-system`,
+    /// `/run/current-system`); when their kernel, initrd or modules differ, a reboot is needed.
+    pub booted_system: PathBuf,
+    pub current_system: PathBuf,
 }
 
 /// The dashboard protocol: v1 (HTTP polling, `https://`) or v2 (one WebSocket, `wss://…/ws`).
@@ -1193,6 +1199,10 @@ impl Settings {
             #[cfg(feature = "test-hooks")]
             debug_wedge_file: path_setting("debug_wedge_file")?,
             metrics_file: path_setting("metrics_file")?,
+            booted_system: path_setting("booted_system")?
+                .unwrap_or_else(|| PathBuf::from("/run/booted-system")),
+            current_system: path_setting("current_system")?
+                .unwrap_or_else(|| PathBuf::from("/run/current-system")),
         })
     }
 

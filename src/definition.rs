@@ -7,8 +7,13 @@
 //! with the snapshot it took at startup, and when one changed it reports, then exits 10 so the
 //! supervisor starts the new definition (new settings, new binary). A snapshot is a resolved
 //! path (a NixOS unit is a symlink into the store) plus a hash of the content (an edited
-//! file in place), taken once at startup and once per successful switch: an idle agent never
-//! reads these files.
+//! file in place), taken once at startup and once per successful switch.
+//!
+//! Changes made by others (`nixos-rebuild` by hand, `system.autoUpgrade`, colmena, an edited
+//! unit): [`Watch`] keeps the `stat` of the agent binary (`NIXFLEET_AGENT_PATH`) and of these
+//! files, resolved through their symlinks, and compares it on each heartbeat: a `readlink` and
+//! a `stat` per file, no read of the content and no child process while nothing changed. Only
+//! a changed `stat` reads the file, to ignore a rewrite with the same content.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::Hasher as _;
@@ -83,9 +88,130 @@ impl Definition {
     }
 }
 
+/// What `stat` says about a file, through its symlinks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct StatPrint {
+    resolved: PathBuf,
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+fn stat_print(path: &Path) -> Option<StatPrint> {
+    use std::os::unix::fs::MetadataExt as _;
+    let resolved = path.canonicalize().ok()?;
+    let meta = std::fs::metadata(&resolved).ok()?;
+    Some(StatPrint {
+        resolved,
+        dev: meta.dev(),
+        ino: meta.ino(),
+        len: meta.len(),
+        mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+    })
+}
+
+/// One watched file: the stat and content fingerprint it had when the agent started.
+#[derive(Debug)]
+struct Watched {
+    path: PathBuf,
+    what: &'static str,
+    stat: Option<StatPrint>,
+    content: Option<Fingerprint>,
+}
+
+/// The agent's binary and definition files as they were at start, compared cheaply on each
+/// heartbeat (see the module docs).
+#[derive(Debug, Default)]
+pub struct Watch {
+    watched: Vec<Watched>,
+}
+
+impl Watch {
+    /// Snapshots `binary` (the file the supervisor starts next time) and `definition` files.
+    pub fn new(binary: Option<&Path>, definition: &[PathBuf]) -> Watch {
+        let binary = binary.map(|b| (b.to_path_buf(), "agent binary"));
+        let files = definition.iter().map(|p| (p.clone(), "service definition"));
+        Watch {
+            watched: binary
+                .into_iter()
+                .chain(files)
+                .map(|(path, what)| Watched {
+                    stat: stat_print(&path),
+                    // The binary can be large: compared by stat and target only.
+                    content: (what != "agent binary")
+                        .then(|| fingerprint(&path))
+                        .flatten(),
+                    what,
+                    path,
+                })
+                .collect(),
+        }
+    }
+
+    /// The first watched file that changed since start, in words (`service definition
+    /// /etc/systemd/system/nixfleet-agent.service changed`). A file whose `stat` changed but
+    /// whose target and content did not (rewritten with the same bytes) is taken as unchanged
+    /// from then on.
+    pub fn changed(&mut self) -> Option<String> {
+        for w in &mut self.watched {
+            let now = stat_print(&w.path);
+            if now == w.stat {
+                continue;
+            }
+            if w.what != "agent binary" {
+                let content = fingerprint(&w.path);
+                if content == w.content && content.is_some() {
+                    w.stat = now;
+                    continue;
+                }
+            }
+            let how = match (&w.stat, &now) {
+                (None, Some(_)) => "appeared",
+                (Some(_), None) => "vanished",
+                _ => "changed",
+            };
+            return Some(format!("{} {} {how}", w.what, w.path.display()));
+        }
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watch_sees_a_replaced_binary_and_an_edited_unit_but_not_a_same_content_rewrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("nixfleet-agent");
+        let unit = dir.path().join("agent.service");
+        std::fs::write(&bin, "old binary").unwrap();
+        std::fs::write(&unit, "[Service]\nEnvironment=A=1\n").unwrap();
+        let mut watch = Watch::new(Some(&bin), std::slice::from_ref(&unit));
+        assert_eq!(watch.changed(), None);
+
+        // Same bytes written again (new mtime): not a change.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&unit, "[Service]\nEnvironment=A=1\n").unwrap();
+        assert_eq!(watch.changed(), None);
+
+        std::fs::write(&unit, "[Service]\nEnvironment=A=2\n").unwrap();
+        assert_eq!(
+            watch.changed(),
+            Some(format!("service definition {} changed", unit.display()))
+        );
+
+        let mut watch = Watch::new(Some(&bin), std::slice::from_ref(&unit));
+        // `install` replaces the file (new inode), as a package manager does.
+        let new = dir.path().join("new-binary");
+        std::fs::write(&new, "new binary").unwrap();
+        std::fs::rename(&new, &bin).unwrap();
+        assert_eq!(
+            watch.changed(),
+            Some(format!("agent binary {} changed", bin.display()))
+        );
+    }
 
     #[test]
     fn detects_edits_relinks_appearance_and_removal() {

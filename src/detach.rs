@@ -13,9 +13,11 @@
 //!   wrapper in a 0600 file it reads and deletes (`--env-file`), never on argv, where
 //!   `/proc/<pid>/cmdline` and `systemctl show` would expose a token in `NIX_CONFIG` or a proxy
 //!   password;
-//! - `session`: a new session detached from the agent (macOS, where launchd would otherwise
-//!   kill the job's process group);
-//! - in-process: the fallback when neither is available; the log says which one was used.
+//! - `session`: a new session detached from the agent: on macOS (where launchd would otherwise
+//!   kill the job's process group), and on Linux wherever no systemd manager can be used
+//!   (containers, other init systems, an agent started from a shell as a normal user);
+//! - in-process: only when asked for (`NIXFLEET_SWITCH_ISOLATION=none`); the log says which
+//!   one was used.
 //!
 //! This module owns the result file format (versioned JSON) and the waiting; it knows nothing
 //! about the dashboard.
@@ -125,7 +127,9 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Picks the isolation for this host from the setting.
+/// Picks the isolation for this host from the setting. `auto` never picks in-process: a switch
+/// inside the agent dies with it (kill -9, OOM, a stall exit), while a session-mode switch
+/// outlives it and the next instance reports its real result.
 pub fn resolve(settings: &Settings, runner: &Runner) -> Isolation {
     let user = under_user_manager();
     match settings.switch_isolation {
@@ -141,7 +145,7 @@ pub fn resolve(settings: &Settings, runner: &Runner) -> Isolation {
             {
                 Isolation::SystemdRun { user }
             } else {
-                Isolation::InProcess
+                Isolation::Session
             }
         }
     }

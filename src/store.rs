@@ -74,7 +74,7 @@ const TEMP_ATTEMPTS: usize = 8;
 /// in a directory others can write to (a token cache under /tmp) nobody can plant a file or a
 /// link there for us to write through.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    replace_file(path, bytes, true)
+    replace_file(path, bytes, true, true, 0o600)
 }
 
 /// [`write_atomic`] without the directory fsync: the new content is on disk before the rename
@@ -84,12 +84,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// flush instead of two narrows the window in which a kill -9 makes the agent send a
 /// delivered report again.
 pub fn write_atomic_relaxed(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    replace_file(path, bytes, false)
+    replace_file(path, bytes, false, true, 0o600)
 }
 
-fn replace_file(path: &Path, bytes: &[u8], sync_dir: bool) -> io::Result<()> {
+/// Replaces `path` atomically (a reader sees the old or the new file) without any fsync, with
+/// `mode`: for files that only describe the present and are rewritten often (`status.json`,
+/// the metrics file), where a power cut may at worst bring back the previous version.
+pub fn write_atomic_unsynced(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    replace_file(path, bytes, false, false, mode)
+}
+
+fn replace_file(
+    path: &Path,
+    bytes: &[u8],
+    sync_dir: bool,
+    sync_file: bool,
+    mode: u32,
+) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    ensure_private_dir(dir)?;
+    if mode == 0o600 {
+        ensure_private_dir(dir)?;
+    }
     let name = path
         .file_name()
         .map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
@@ -115,9 +130,11 @@ fn replace_file(path: &Path, bytes: &[u8], sync_dir: bool) -> io::Result<()> {
     // From here on the temp file is ours, and removed again on failure (until renamed).
     let written = (|| {
         // The umask may have taken bits away; the mode is exactly 0600 either way.
-        file.set_permissions(fs::Permissions::from_mode(0o600))?;
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.write_all(bytes)?;
-        file.sync_all()?;
+        if sync_file {
+            file.sync_all()?;
+        }
         fs::rename(&tmp, path)
     })();
     if written.is_err() {

@@ -18,6 +18,7 @@
 //! exactly one final status naming it.
 
 pub mod backoff;
+mod observe;
 pub mod outbox;
 
 use std::collections::{HashSet, VecDeque};
@@ -124,6 +125,8 @@ pub struct Startup {
     pub progress: Arc<Progress>,
     /// The service definition as it was at startup.
     pub definition: Arc<crate::definition::Definition>,
+    /// Why this start happened (`restart_cause::on_start`).
+    pub start: crate::restart_cause::Start,
 }
 
 struct Running {
@@ -261,6 +264,8 @@ pub struct Agent<L: Link> {
     held_reports: Vec<Report>,
     refusal: Option<Refusal>,
     definition: Arc<crate::definition::Definition>,
+    /// Status record, metrics file, reboot-needed, restart cause, changes made by others.
+    observer: observe::Observer,
 }
 
 fn command_label(job: &Job) -> String {
@@ -375,6 +380,7 @@ impl<L: Link> Agent<L> {
         let settings = startup.settings;
         let generation = settings.repo.dir().and_then(read_git_head);
         let traits = link.link.traits();
+        let observer = observe::Observer::new(&settings, &startup.state_dir, startup.start);
         let mut agent = Agent {
             state_dir: startup.state_dir,
             traits,
@@ -410,6 +416,7 @@ impl<L: Link> Agent<L> {
             held_reports: Vec::new(),
             refusal: None,
             definition: startup.definition,
+            observer,
             report_failed_last: false,
             settings,
         };
@@ -444,7 +451,11 @@ impl<L: Link> Agent<L> {
         let started = Report::Status(StatusReport::notice(
             Outcome::Ok,
             agent.generation.clone(),
-            format!("Agent started ({})", agent.settings.agent_version),
+            format!(
+                "Agent started ({}): {}",
+                agent.settings.agent_version,
+                agent.observer.cause_text()
+            ),
         ));
         if agent.resume.is_some() && agent.by_position() {
             agent.held_reports.push(started);
@@ -524,10 +535,12 @@ impl<L: Link> Agent<L> {
             self.say_outage_note();
             self.start_request();
             self.notifier.status(&self.status_line());
+            self.observe_tick();
             if let Some(code) = self.stop_done() {
                 if self.reboot_after_stop {
                     self.reboot().await;
                 }
+                self.record_exit(code);
                 self.notifier
                     .stopping(&format!("stopped (exit code {code})"));
                 self.link_handle.close().await;
@@ -562,7 +575,7 @@ impl<L: Link> Agent<L> {
     /// The loop beats at least this often, so the stall monitor (and another instance
     /// reading the progress file) never takes a quiet loop for a wedged one.
     fn beat_period(&self) -> Duration {
-        (self.settings.stall_timeout / 3).max(Duration::from_millis(100))
+        crate::supervisor::progress::beat_period(self.settings.stall_timeout)
     }
 
     /// Sends one output line of the running command, if the link streams output.
@@ -678,6 +691,7 @@ impl<L: Link> Agent<L> {
         if let Some((_, due)) = &self.outage_note {
             wake = wake.min(*due);
         }
+        wake = wake.min(self.observe_deadline());
         if let Some(stopping) = &self.stopping {
             if self.running.is_some() {
                 wake = wake.min(stopping.cancel_at);
@@ -855,6 +869,7 @@ impl<L: Link> Agent<L> {
             }
             ExecEvent::Report(mut report) => {
                 tracing::debug!("queued report: {}", describe(&report));
+                self.observer.saw_report(&report);
                 if let (Report::Status(status), Some(running)) = (&mut report, &mut self.running)
                     && !self.traits.correlation.eq(&Correlation::ByPosition)
                 {
@@ -893,7 +908,10 @@ impl<L: Link> Agent<L> {
                 }
                 let _ = recorded.send(());
             }
-            ExecEvent::Facts(os) => self.os = os,
+            ExecEvent::Facts(os) => {
+                self.os = os;
+                self.refresh_reboot();
+            }
             ExecEvent::Finished { exit, left_running } => {
                 if let Some(running) = &mut self.running
                     && let Some(mut status) = running.final_status.take()
@@ -909,6 +927,8 @@ impl<L: Link> Agent<L> {
                     self.outbox.push(Report::Status(status), None);
                 }
                 if let Some(running) = self.running.take() {
+                    self.observer
+                        .command_finished(&running.name, running.started.elapsed(), exit);
                     tracing::info!(
                         NIXFLEET_COMMAND = %running.name,
                         NIXFLEET_DURATION_MS = running.started.elapsed().as_millis() as u64,
@@ -1575,6 +1595,7 @@ impl<L: Link> Agent<L> {
         if let Some(g) = &self.generation {
             parts.push(format!("generation {}", g.get(..12).unwrap_or(g)));
         }
+        parts.extend(self.observe_status_parts());
         parts.join("; ")
     }
 }

@@ -211,7 +211,18 @@ async fn await_detached(ctx: &Context, detached: &Detached) -> SwitchResult {
 }
 
 fn report_success(ctx: &Context, text: &str) -> SwitchResult {
-    ctx.ok(&format!("Switch: {text}"));
+    match crate::facts::reboot::check(&ctx.settings.booted_system, &ctx.settings.current_system) {
+        Some(reboot) => {
+            tracing::warn!("the switch is done, but {}", reboot.sentence());
+            ctx.ok(&format!(
+                "Switch: {}\nReboot needed to finish this switch: the running {} differ from \
+                 the new system's",
+                text.trim_end(),
+                reboot.parts_text()
+            ));
+        }
+        None => ctx.ok(&format!("Switch: {text}")),
+    }
     let installed = ctx.settings.agent_path.clone().or_else(|| {
         let system = PathBuf::from("/run/current-system/sw/bin/nixfleet-agent");
         system.exists().then_some(system)

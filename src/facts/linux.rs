@@ -108,3 +108,10 @@ fn cpu_counters() -> Option<(u64, u64)> {
     let idle = fields[3] + fields.get(4).copied().unwrap_or(0);
     Some((total - idle, total))
 }
+
+/// This boot's id (changes on every boot): `/proc/sys/kernel/random/boot_id`.
+pub(super) fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let id = id.trim();
+    (!id.is_empty()).then(|| id.to_string())
+}

@@ -110,3 +110,21 @@ fn swap_percent() -> Option<f64> {
     }
     Some((usage.xsu_used as f64 * 100.0 / usage.xsu_total as f64).round())
 }
+
+/// This boot's id: the boot time (`kern.boottime`), which changes on every boot.
+pub(super) fn boot_id() -> Option<String> {
+    let cname = CString::new("kern.boottime").ok()?;
+    // SAFETY: timeval is plain data; sysctlbyname fills at most len bytes.
+    let mut tv: libc::timeval = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::timeval>();
+    let rc = unsafe {
+        libc::sysctlbyname(
+            cname.as_ptr(),
+            (&mut tv as *mut libc::timeval).cast(),
+            &mut len,
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    (rc == 0 && tv.tv_sec > 0).then(|| format!("boottime-{}.{:06}", tv.tv_sec, tv.tv_usec))
+}

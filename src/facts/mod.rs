@@ -14,6 +14,7 @@ use linux as platform;
 mod macos;
 #[cfg(target_os = "macos")]
 use macos as platform;
+pub mod reboot;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -36,6 +37,12 @@ impl OsFacts {
     pub async fn detect(runner: &Runner, cancel: &CancellationToken) -> OsFacts {
         platform::os_facts(runner, cancel).await
     }
+}
+
+/// An id of the current boot (Linux: the kernel's boot id; macOS: the boot time); `None` if
+/// unknown. A different id than the one recorded at the previous start means the host rebooted.
+pub fn boot_id() -> Option<String> {
+    platform::boot_id()
 }
 
 /// Runs a short query command and returns its trimmed stdout+stderr if it succeeded.

@@ -582,6 +582,16 @@ fn try_lock(file: &File, path: &Path) -> Result<bool, LockError> {
     }
 }
 
+/// For `nixfleet-agent status`: the holder recorded in `dir`'s lock file and whether that
+/// process (same pid and start time) is still alive. Only reads: never takes the lock (that
+/// would make an agent starting at the same moment exit 75) and never signals.
+pub fn inspect(dir: &Path) -> Option<(Holder, bool)> {
+    let mut file = File::open(dir.join(LOCK_FILE)).ok()?;
+    let holder = read_holder(&mut file)?;
+    let alive = is_same_live_process(&holder);
+    Some((holder, alive))
+}
+
 fn read_holder(file: &mut File) -> Option<Holder> {
     let mut record = String::new();
     file.seek(SeekFrom::Start(0)).ok()?;

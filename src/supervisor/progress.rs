@@ -19,6 +19,19 @@ use std::time::{Duration, Instant, SystemTime};
 /// processes must allow this much extra age before calling a holder stale.
 pub const TOUCH_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How often the main loop beats at least, even when idle: a third of the stall threshold,
+/// at most 45 s (so `nixfleet-agent status` can tell "stuck" within a minute), at least
+/// 100 ms. The loop has no fixed tick; this is one of the deadlines it sleeps until.
+pub fn beat_period(stall_timeout: Duration) -> Duration {
+    (stall_timeout / 3).clamp(Duration::from_millis(100), Duration::from_secs(45))
+}
+
+/// A progress file older than this means the loop is not moving: a healthy loop touches it at
+/// least every [`beat_period`] (throttled to [`TOUCH_INTERVAL`]), plus a margin.
+pub fn stuck_after(stall_timeout: Duration) -> Duration {
+    beat_period(stall_timeout) + TOUCH_INTERVAL + Duration::from_secs(5)
+}
+
 /// Longest activity text kept; the stall report is written from a fixed-size stack buffer.
 const MAX_ACTIVITY_BYTES: usize = 200;
 

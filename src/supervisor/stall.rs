@@ -53,7 +53,9 @@ pub fn spawn_stall_monitor(
                 if stalled > limit {
                     abort_stalled(&progress, stalled);
                 }
-                std::thread::sleep(limit - stalled + MARGIN);
+                // During start-up the allowance is long, but the loop's first beat switches
+                // to the configured threshold: look again at least that often.
+                std::thread::sleep((limit - stalled).min(threshold) + MARGIN);
             }
         })
 }
@@ -78,6 +80,8 @@ fn abort_stalled(progress: &Progress, stalled: Duration) -> ! {
         exit::STALLED
     );
     write_stderr(line.as_bytes());
+    // So the next start can say why it happened (no systemd on macOS to tell it).
+    crate::restart_cause::record_stall();
     // SAFETY: `_exit` ends the process without running destructors or atexit handlers, which is
     // the point: those could block on whatever the wedged thread holds.
     unsafe { libc::_exit(i32::from(exit::STALLED)) }

@@ -32,6 +32,8 @@
 //!   and redial, two agents with one hostname, every v2 command answered by name, busy
 //!   refusals and stop, restart/reboot, a bounded output flood, results kept across outages and
 //!   kill -9, the re-register that completes a switch, wss:// with a CA file.
+//! - `fleet`: issue 11: switch isolation without systemd, restart causes, changes made by
+//!   others, `nixfleet-agent status`, reboot needed, the metrics file.
 
 #![allow(
     clippy::disallowed_methods,
@@ -41,6 +43,7 @@
 mod commands;
 mod core;
 mod crash;
+mod fleet;
 mod hardening;
 mod resilience;
 mod rows;

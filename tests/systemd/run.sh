@@ -124,15 +124,17 @@ ct sh -ec '
   git push -q -u origin HEAD
 ' > "$work/git-setup.log" 2>&1 || setup_fail "git repo setup failed: $(cat "$work/git-setup.log")"
 
-# The shipped unit, unchanged but for the binary path. The credential source
+# The shipped unit, unchanged but for the binary path (ExecStart= and ExecStopPost=). The credential source
 # (/etc/nixfleet-agent/token) and the EnvironmentFile are written at their shipped paths: /etc is
 # the container's own tmpfs.
-sed -E 's|^ExecStart=([-@:+!]*)/[^ ]*/nixfleet-agent( \|$)|ExecStart=\1/opt/ci/nixfleet-agent\2|' \
+sed -E 's#^(ExecStart|ExecStopPost)=([-@:+!]*)/[^ ]*/nixfleet-agent( |$)#\1=\2/opt/ci/nixfleet-agent\3#' \
   "$unit_src" > "$work/$unit"
 grep -q '^ExecStart=[-@:+!]*/opt/ci/nixfleet-agent' "$work/$unit" \
   || setup_fail "could not rewrite ExecStart= in $unit_src (expected ExecStart=/some/path/nixfleet-agent ...)"
-[ "$(diff "$unit_src" "$work/$unit" | grep -c '^[<>]')" = 2 ] \
-  || setup_fail "the path substitution changed more than the ExecStart= line: $(diff "$unit_src" "$work/$unit")"
+grep -q '^ExecStopPost=-/opt/ci/nixfleet-agent record-exit$' "$work/$unit" \
+  || setup_fail "could not rewrite ExecStopPost= in $unit_src (expected ExecStopPost=-/some/path/nixfleet-agent record-exit)"
+[ "$(diff "$unit_src" "$work/$unit" | grep -c '^[<>]')" = 4 ] \
+  || setup_fail "the path substitution changed more than the ExecStart= and ExecStopPost= lines: $(diff "$unit_src" "$work/$unit")"
 ct mkdir -p /etc/systemd/system/$unit.d /etc/nixfleet-agent
 ct sh -c "cat > /etc/systemd/system/$unit" < "$work/$unit"
 ct sh -c 'umask 077; cat > /etc/nixfleet-agent/token' <<<"shared-secret-token"
@@ -305,6 +307,18 @@ elif ! wait_until 5 lock_is_new_main; then
   fail kill9 "agent.lock names pid '$(lock_holder)', the new MainPID is $(prop MainPID)"
 else
   pass kill9 "active again with pid $(prop MainPID) after $(elapsed "$t0")s, NRestarts $n0 -> $(prop NRestarts), agent.lock pid=$(lock_holder)"
+fi
+
+# ---- 8b. the start report names the cause: the watchdog (check 6), kill -9 (check 8) --------
+# ExecStopPost=nixfleet-agent record-exit keeps systemd's verdict (SERVICE_RESULT=watchdog;
+# EXIT_CODE=killed EXIT_STATUS=KILL) for the next start, which words it in "Agent started".
+started_with() { control GET /_fake/requests | grep -o '"output":"Agent started[^"]*' | grep -F -- "$1" >/dev/null; }
+if ! wait_until 10 started_with "after the systemd watchdog killed a wedged agent"; then
+  fail restart-causes "no 'Agent started (...): after the systemd watchdog killed a wedged agent' after check 6's watchdog restart: $(control GET /_fake/requests | grep -o '"output":"Agent started[^"]*' | tail -3)"
+elif ! wait_until 10 started_with "after the agent was killed (signal KILL)"; then
+  fail restart-causes "no 'Agent started (...): after the agent was killed (signal KILL)' after check 8's kill -9: $(control GET /_fake/requests | grep -o '"output":"Agent started[^"]*' | tail -3)"
+else
+  pass restart-causes "$(control GET /_fake/requests | grep -o '"output":"Agent started[^"]*' | sed 's/^"output":"//' | tail -3 | paste -sd '|' | cut -c1-220)"
 fi
 
 # ---- 9. systemctl stop ends it cleanly ---------------------------------------------------------
@@ -506,6 +520,41 @@ else
   fi
 fi
 
+# ---- 12b. a unit changed by someone else (no agent command): the agent follows it -------------
+# A hand edit (or another deploy tool) changes the unit's Environment=; nothing tells the agent.
+# Within one heartbeat interval it notices (a stat of the NIXFLEET_RESTART_ON_CHANGE files), but
+# restarting before `daemon-reload` would start the old definition again: it waits until systemd
+# has loaded the new one (NeedDaemonReload=no), then exits 10 and comes back with the new value.
+t12b=$(date +%s.%N)
+followed_registered() { control GET /_fake/requests | grep -q '"location":"ci-followed"'; }
+pid=$(prop MainPID) n0=$(prop NRestarts)
+if [ "$(prop ActiveState)" != active ] || ! wait_until 10 status_ok; then
+  fail follows-unit-change "the agent is not running before the check: $(prop ActiveState)/$(prop SubState)"
+else
+  ct sed -i -e '/^Environment=NIXFLEET_LOCATION=/d' \
+    -e '/^\[Service\]/a Environment=NIXFLEET_LOCATION=ci-followed' /etc/systemd/system/$unit
+  waiting_logged() { journal_has 'waiting for `systemctl daemon-reload`'; }
+  if ! wait_until 10 waiting_logged; then
+    fail follows-unit-change "no 'waiting for \`systemctl daemon-reload\`' line 10 s after the unit changed (NeedDaemonReload=$(prop NeedDaemonReload)): $(journal | tail -3)"
+  elif [ "$(prop MainPID)" != "$pid" ] || [ "$(prop NRestarts)" != "$n0" ]; then
+    fail follows-unit-change "the agent restarted before daemon-reload (pid $pid -> $(prop MainPID)): systemd would start the old definition"
+  else
+    t_reload=$(date +%s.%N)
+    ct systemctl daemon-reload
+    if ! wait_until 15 nrestarts_above "$n0"; then
+      fail follows-unit-change "NRestarts still $(prop NRestarts) 15 s after daemon-reload; state $(prop ActiveState)/$(prop SubState); $(journal | tail -3)"
+    elif ! wait_until 15 is_active_with_new_pid "$pid"; then
+      fail follows-unit-change "not active/running with a new pid: $(prop ActiveState)/$(prop SubState) pid $(prop MainPID)"
+    elif ! wait_until 15 followed_registered; then
+      fail follows-unit-change "the restarted agent (pid $(prop MainPID)) never registered with NIXFLEET_LOCATION=ci-followed from the changed unit"
+    elif ! wait_until 10 started_with "after a change made outside the agent (service definition /etc/systemd/system/$unit changed)"; then
+      fail follows-unit-change "no 'Agent started (...): after a change made outside the agent (...)' report: $(control GET /_fake/requests | grep -o '"output":"Agent started[^"]*' | tail -2)"
+    else
+      pass follows-unit-change "noticed, waited for daemon-reload, then exit 10 -> new pid $(prop MainPID) registered location ci-followed $(elapsed "$t_reload")s after daemon-reload; $(elapsed "$t12b")s"
+    fi
+  fi
+fi
+
 # ---- 13. home-manager host: the user unit's switch runs in a transient unit of the user manager
 # units/user/nixfleet-agent.service, unchanged but for the binary path, under root's user
 # manager (user@0.service; the container has no logind, so its PAM stack and XDG_RUNTIME_DIR are
@@ -536,7 +585,7 @@ ct mkdir -p /etc/pam.d /etc/systemd/system/user@0.service.d /etc/systemd/user \
   /root/.config/nixfleet /root/.nix-profile/bin
 ct sh -c 'printf "auth required pam_permit.so\naccount required pam_permit.so\nsession required pam_permit.so\n" > /etc/pam.d/systemd-user'
 ct sh -c 'printf "[Service]\nEnvironment=XDG_RUNTIME_DIR=/run/user/0\n" > /etc/systemd/system/user@0.service.d/ci.conf'
-sed -E 's|^ExecStart=([-@:+!]*)[^ ]*/nixfleet-agent( \|$)|ExecStart=\1/opt/ci/nixfleet-agent\2|' \
+sed -E 's#^(ExecStart|ExecStopPost)=([-@:+!]*)[^ ]*/nixfleet-agent( |$)#\1=\2/opt/ci/nixfleet-agent\3#' \
   "$uunit_src" > "$work/user-$unit"
 ct sh -c "cat > /etc/systemd/user/$unit" < "$work/user-$unit"
 ct sh -c 'umask 077; echo shared-secret-token > /root/.config/nixfleet/agent.token'
@@ -555,8 +604,8 @@ touch $hmarker
 echo "activated home by stand-in (\$*)"
 EOF
 ct rm -f "$hmarker" "$hrelease"
-if [ "$(diff "$uunit_src" "$work/user-$unit" | grep -c '^[<>]')" != 2 ]; then
-  fail user-switch-survives-kill9 "could not rewrite only ExecStart= in $uunit_src: $(diff "$uunit_src" "$work/user-$unit")"
+if [ "$(diff "$uunit_src" "$work/user-$unit" | grep -c '^[<>]')" != 4 ]; then
+  fail user-switch-survives-kill9 "could not rewrite only ExecStart= and ExecStopPost= in $uunit_src: $(diff "$uunit_src" "$work/user-$unit")"
 elif ! ct systemctl daemon-reload || ! ct systemctl start user-runtime-dir@0.service user@0.service; then
   fail user-switch-survives-kill9 "could not start root's user manager: $(ct systemctl status user@0.service --no-pager 2>&1 | tail -5)"
 elif ! uctl start "$unit" || ! wait_until 10 ujournal_has "nixfleet-agent starting"; then

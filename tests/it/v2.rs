@@ -435,3 +435,86 @@ fn v2_over_tls_with_the_ca_file() {
     let agent = h.spawn();
     assert!(registered(&dash), "{}", agent.log());
 }
+
+#[test]
+fn v2_switch_outside_the_agent_survives_kill_9_and_is_reported_once_by_the_next_instance() {
+    let (mut h, dash, _repos) = v2_with_repo();
+    h.set("NIXFLEET_SWITCH_ISOLATION", "session");
+    let done = h.tmp.path().join("switch-done");
+    h.stand_in(
+        "nixos-rebuild",
+        &format!("sleep 3; touch '{}'; echo activated", done.display()),
+    );
+    let mut agent = h.spawn();
+    assert!(registered(&dash));
+    dash.dispatch(HOST, "switch").unwrap();
+    assert!(agent.wait_log(T, "detached from the agent"), "{}", agent.log());
+    agent.kill9();
+    assert!(wait_until(T, || done.exists()), "switch died with the agent");
+    let next = h.spawn();
+    let switch = wait_result(&dash, "switch");
+    assert_eq!(exit_code(&switch), 0, "{switch:?}\n{}", next.log());
+    assert!(message(&switch).contains("activated"), "{switch:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    let n = statuses(&dash)
+        .iter()
+        .filter(|f| f.str_field("command") == Some("switch"))
+        .count();
+    assert_eq!(n, 1, "{:#?}", statuses(&dash));
+}
+
+#[test]
+fn v2_switch_that_installs_a_new_agent_reports_exits_10_and_the_next_instance_registers() {
+    let (mut h, dash, _repos) = v2_with_repo();
+    let installed = h.tmp.path().join("installed-nixfleet-agent");
+    fs::copy(env!("CARGO_BIN_EXE_nixfleet-agent"), &installed).unwrap();
+    h.set("NIXFLEET_AGENT_PATH", installed.display().to_string());
+    h.stand_in("nixos-rebuild", "echo switched");
+    let mut agent = h.spawn();
+    assert!(registered(&dash));
+    let t = Instant::now();
+    dash.dispatch(HOST, "switch").unwrap();
+    let status = agent.wait_exit(T).expect("agent exits after the switch");
+    assert_eq!(status.code(), Some(10), "{}", agent.log());
+    let switch = wait_result(&dash, "switch");
+    assert_eq!(exit_code(&switch), 0);
+    // It kept the socket open a moment after the result, then closed it politely.
+    let close = dash
+        .frames()
+        .into_iter()
+        .find(|f| f.close_code == Some(1000))
+        .expect("a close frame");
+    assert!(close.at.duration_since(switch.at) >= Duration::from_millis(900));
+    assert!(t.elapsed() < T);
+    // The supervisor's restart: the new instance registers and the dashboard completes it.
+    let _next = h.spawn();
+    assert!(wait_until(T, || dash
+        .command_history(HOST)
+        .iter()
+        .any(|c| c.op == "switch" && format!("{:?}", c.status) == "Success")));
+}
+
+#[test]
+fn v2_message_over_the_dashboards_size_limit_costs_a_reconnect_not_the_result() {
+    let (h, dash, repos) = v2_with_repo();
+    // A dashboard with a small limit, so the agent's 4 KiB lines are over it.
+    dash.set_options(|o| o.max_message = 2048);
+    write_executable(
+        &repos.dev.join("hosts/testhost/tests/T01-wide.sh"),
+        "#!/bin/sh\nprintf '%03000d\\n' 0\necho done\n",
+    );
+    repos.push_commit("wide", &[]);
+    let agent = h.spawn();
+    assert!(registered(&dash));
+    dash.send_command(HOST, "pull").unwrap();
+    wait_result(&dash, "pull");
+    dash.send_command(HOST, "test").unwrap();
+    assert!(
+        wait_until(T, || dash.frames().iter().any(|f| f.close_code == Some(1009))),
+        "no 1009: {}",
+        agent.log()
+    );
+    let test = wait_result(&dash, "test");
+    assert_eq!(exit_code(&test), 0, "{test:?}");
+    assert!(dash.messages("register").len() >= 2, "{}", agent.log());
+}

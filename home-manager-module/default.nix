@@ -88,6 +88,9 @@ in
           Type = "notify";
           NotifyAccess = "main";
           ExecStart = "${agentPath} run --config ${configPath}";
+          # Keeps systemd's verdict on the last exit (watchdog, kill, crash) for the next
+          # start's "Agent started (...): <cause>".
+          ExecStopPost = "-${agentPath} record-exit --config ${configPath}";
           Environment = lib.mapAttrsToList envLine (environment // {
             NIXFLEET_RESTART_ON_CHANGE = "${unitPath}:${configPath}";
           });

@@ -503,6 +503,66 @@ pub async fn wait(runner: &Runner, detached: &Detached, cancel: &CancellationTok
     }
 }
 
+/// Stops a detached switch (the dashboard's `stop`): `systemctl stop` of its transient unit,
+/// or SIGTERM to its wrapper once that pid is proven to be our switch wrapper. Either way the
+/// wrapper stops the switch's whole process tree and still writes a result, which the waiting
+/// command then reports. Returns what it did, for the log.
+pub async fn stop(runner: &Runner, detached: &Detached) -> String {
+    if let Some(unit) = &detached.unit {
+        let cmd = Cmd::new("systemctl", "/", Duration::from_secs(30), "systemctl stop")
+            .args(detached.user_manager.then_some("--user"))
+            .args(["stop", "--", unit]);
+        return match runner.run(cmd, &CancellationToken::new()).await {
+            Ok(outcome) if outcome.success() => format!("stopped the switch unit {unit}"),
+            Ok(outcome) => format!(
+                "systemctl stop {unit} failed (exit code {}): {}",
+                outcome.exit_code(),
+                outcome.output.trim_end()
+            ),
+            Err(e) => format!("systemctl stop {unit} failed: {e}"),
+        };
+    }
+    let pid = detached.pid.or_else(|| {
+        crate::store::read_state_file(&pid_file(&detached.result_file))
+            .ok()
+            .and_then(|p| String::from_utf8_lossy(&p).trim().parse::<u32>().ok())
+    });
+    let Some(pid) = pid.filter(|pid| (2..=i32::MAX as u32).contains(pid)) else {
+        return "the switch wrapper's pid is unknown; nothing was signalled".into();
+    };
+    if !is_switch_wrapper(runner, pid).await {
+        return format!("pid {pid} is not our switch wrapper (any more); nothing was signalled");
+    }
+    match nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    ) {
+        Ok(()) => format!("sent SIGTERM to the switch wrapper (pid {pid})"),
+        Err(e) => format!("cannot signal the switch wrapper (pid {pid}): {e}"),
+    }
+}
+
+/// Whether `pid` runs `nixfleet-agent switch-wrapper` (its command line, read from the OS).
+async fn is_switch_wrapper(runner: &Runner, pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        return std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+            cmdline
+                .split(|&b| b == 0)
+                .any(|arg| arg == b"switch-wrapper")
+        });
+    }
+    let cmd = Cmd::new("ps", "/", Duration::from_secs(5), "ps").args([
+        "-o",
+        "command=",
+        "-p",
+        &pid.to_string(),
+    ]);
+    runner
+        .run(cmd, &CancellationToken::new())
+        .await
+        .is_ok_and(|o| o.success() && o.output.split_whitespace().any(|a| a == "switch-wrapper"))
+}
+
 /// `Some(reason)` when the detached switch is no longer running.
 async fn gone_reason(
     runner: &Runner,

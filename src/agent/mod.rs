@@ -136,6 +136,8 @@ struct Running {
     step_started: Instant,
     step_timeout: Option<Duration>,
     cancel: CancellationToken,
+    /// The dashboard's `stop` for this command.
+    stop: CancellationToken,
     /// Its switch runs outside the agent; stopping need not wait for it.
     detached: Option<crate::detach::Detached>,
     /// Reports are tagged with this journal id once they may be the command's last word
@@ -815,6 +817,7 @@ impl<L: Link> Agent<L> {
             ),
         };
         let cancel = CancellationToken::new();
+        let stop = CancellationToken::new();
         // Output streams only to a link that takes it; a fresh tap counts this command's drops.
         let tap = self
             .traits
@@ -830,6 +833,7 @@ impl<L: Link> Agent<L> {
             runner,
             events: self.events_tx.clone(),
             cancel: cancel.clone(),
+            stop: stop.clone(),
             definition: self.definition.clone(),
         };
         tokio::spawn(commands::execute(ctx, job));
@@ -841,6 +845,7 @@ impl<L: Link> Agent<L> {
             step_started: now,
             step_timeout: None,
             cancel,
+            stop,
             detached,
             journal_id,
             command,
@@ -917,13 +922,6 @@ impl<L: Link> Agent<L> {
                     && let Some(mut status) = running.final_status.take()
                 {
                     status.dropped_lines = running.tap.as_ref().map_or(0, LineTap::dropped);
-                    if running.stopped {
-                        let note = "Stopped by the dashboard's stop command.";
-                        status.output = Some(match status.output.take() {
-                            Some(text) => format!("{note}\n{text}"),
-                            None => note.to_string(),
-                        });
-                    }
                     self.outbox.push(Report::Status(status), None);
                 }
                 if let Some(running) = self.running.take() {
@@ -1454,7 +1452,7 @@ impl<L: Link> Agent<L> {
                 let current = current.clone();
                 if let Some(running) = &mut self.running {
                     running.stopped = true;
-                    running.cancel.cancel();
+                    running.stop.cancel();
                 }
                 self.queue.clear();
                 self.journal_queue();

@@ -146,7 +146,10 @@ pub struct Context {
     pub state_dir: PathBuf,
     pub runner: Runner,
     pub events: mpsc::UnboundedSender<ExecEvent>,
+    /// The agent is shutting down: end what runs in the agent (a detached switch goes on).
     pub cancel: CancellationToken,
+    /// The dashboard's `stop`: end the command, a detached switch included.
+    pub stop: CancellationToken,
     /// The service definition as it was at startup (compared after a successful switch).
     pub definition: Arc<crate::definition::Definition>,
 }
@@ -226,7 +229,29 @@ impl Context {
         self.step(&cmd.label, Some(cmd.timeout));
         let label = cmd.label.clone();
         let program = cmd.program.to_string_lossy().into_owned();
-        match self.runner.run(cmd, &self.cancel).await {
+        // Either shutdown or the dashboard's stop ends the step (with SIGTERM, grace, SIGKILL).
+        let either = self.cancel.child_token();
+        let stop = self.stop.clone();
+        let stopper = either.clone();
+        let watcher = tokio::spawn(async move {
+            stop.cancelled().await;
+            stopper.cancel();
+        });
+        let ran = self.runner.run(cmd, &either).await;
+        watcher.abort();
+        match ran {
+            Ok(outcome) if self.stop.is_cancelled() && outcome.exit == Exit::Cancelled => {
+                StepResult {
+                    ok: false,
+                    timed_out: false,
+                    cancelled: true,
+                    text: join_lines(
+                        &format!("{label} stopped by the dashboard's stop command"),
+                        outcome.output.trim_end(),
+                    ),
+                    output: outcome.output.trim_end().to_string(),
+                }
+            }
             Ok(outcome) => step_result(&label, &outcome),
             Err(e) => {
                 tracing::warn!(step = %label, program = %program, error = %e, "step failed to start");

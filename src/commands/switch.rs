@@ -176,7 +176,16 @@ pub(super) async fn resume(ctx: &Context, detached: Detached) -> SwitchResult {
 }
 
 async fn await_detached(ctx: &Context, detached: &Detached) -> SwitchResult {
-    match detach::wait(&ctx.runner, detached, &ctx.cancel).await {
+    let waited = tokio::select! {
+        waited = detach::wait(&ctx.runner, detached, &ctx.cancel) => waited,
+        () = ctx.stop.cancelled() => {
+            // The dashboard's stop: end the switch where it runs, then report its result.
+            let done = detach::stop(&ctx.runner, detached).await;
+            tracing::warn!("stop: {done}");
+            detach::wait(&ctx.runner, detached, &ctx.cancel).await
+        }
+    };
+    match waited {
         detach::Waited::Done(result) => {
             // The result file stays until the report is durably in the outbox: the main loop
             // deletes it then, so an agent killed before that reports the switch next time.

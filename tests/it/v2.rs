@@ -448,9 +448,16 @@ fn v2_switch_outside_the_agent_survives_kill_9_and_is_reported_once_by_the_next_
     let mut agent = h.spawn();
     assert!(registered(&dash));
     dash.dispatch(HOST, "switch").unwrap();
-    assert!(agent.wait_log(T, "detached from the agent"), "{}", agent.log());
+    assert!(
+        agent.wait_log(T, "detached from the agent"),
+        "{}",
+        agent.log()
+    );
     agent.kill9();
-    assert!(wait_until(T, || done.exists()), "switch died with the agent");
+    assert!(
+        wait_until(T, || done.exists()),
+        "switch died with the agent"
+    );
     let next = h.spawn();
     let switch = wait_result(&dash, "switch");
     assert_eq!(exit_code(&switch), 0, "{switch:?}\n{}", next.log());
@@ -488,10 +495,9 @@ fn v2_switch_that_installs_a_new_agent_reports_exits_10_and_the_next_instance_re
     assert!(t.elapsed() < T);
     // The supervisor's restart: the new instance registers and the dashboard completes it.
     let _next = h.spawn();
-    assert!(wait_until(T, || dash
-        .command_history(HOST)
-        .iter()
-        .any(|c| c.op == "switch" && format!("{:?}", c.status) == "Success")));
+    assert!(wait_until(T, || dash.command_history(HOST).iter().any(
+        |c| c.op == "switch" && format!("{:?}", c.status) == "Success"
+    )));
 }
 
 #[test]
@@ -510,11 +516,51 @@ fn v2_message_over_the_dashboards_size_limit_costs_a_reconnect_not_the_result() 
     wait_result(&dash, "pull");
     dash.send_command(HOST, "test").unwrap();
     assert!(
-        wait_until(T, || dash.frames().iter().any(|f| f.close_code == Some(1009))),
+        wait_until(T, || dash
+            .frames()
+            .iter()
+            .any(|f| f.close_code == Some(1009))),
         "no 1009: {}",
         agent.log()
     );
     let test = wait_result(&dash, "test");
     assert_eq!(exit_code(&test), 0, "{test:?}");
     assert!(dash.messages("register").len() >= 2, "{}", agent.log());
+}
+
+#[test]
+fn v2_stop_ends_a_switch_running_outside_the_agent_and_reports_it() {
+    let (mut h, dash, _repos) = v2_with_repo();
+    h.set("NIXFLEET_SWITCH_ISOLATION", "session");
+    let pids = h.tmp.path().join("pids");
+    h.stand_in(
+        "nixos-rebuild",
+        &format!("echo $$ > '{}'\nsleep 1000", pids.display()),
+    );
+    let agent = h.spawn();
+    assert!(registered(&dash));
+    dash.send_command(HOST, "switch").unwrap();
+    assert!(
+        agent.wait_log(T, "detached from the agent"),
+        "{}",
+        agent.log()
+    );
+    assert!(wait_until(T, || pids.exists()));
+    dash.send_command(HOST, "stop").unwrap();
+    let stop = wait_result(&dash, "stop");
+    assert_eq!(exit_code(&stop), 0, "{stop:?}");
+    let switch = wait_result(&dash, "switch");
+    assert_eq!(exit_code(&switch), 1, "{switch:?}\n{}", agent.log());
+    assert!(message(&switch).contains("stopped"), "{switch:?}");
+    let rebuild: i32 = fs::read_to_string(&pids).unwrap().trim().parse().unwrap();
+    let gone = wait_until(Duration::from_secs(5), || {
+        fs::read_to_string(format!("/proc/{rebuild}/stat")).map_or(true, |stat| {
+            stat.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    });
+    assert!(gone, "the detached switch survived the stop");
 }

@@ -280,7 +280,7 @@ fn v2_busy_agent_rejects_then_stop_kills_the_whole_tree() {
     let switch = wait_result(&dash, "switch");
     assert_ne!(exit_code(&switch), 0);
     assert!(
-        message(&switch).contains("Stopped by the dashboard"),
+        message(&switch).contains("stopped by the dashboard"),
         "{switch:?}"
     );
     let grandchild: i32 = fs::read_to_string(&pids).unwrap().trim().parse().unwrap();

@@ -12,6 +12,18 @@ use std::fmt::Write as _;
 /// The most bytes of foreign text one log line carries (about 1 KiB, plus the cut note).
 pub const LOG_TEXT_MAX: usize = 1024;
 
+/// The longest prefix of `s` within `max` bytes that ends on a character boundary.
+pub fn prefix_within(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// `text` with control characters escaped (`\n`, `\r`, `\t`, `\u{1b}`, ...; also the Unicode
 /// line and paragraph separators and bidi overrides) and cut to at most `max_bytes` bytes of
 /// output, on a character boundary, followed by ` …(N more bytes)` when cut.

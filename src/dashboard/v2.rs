@@ -306,23 +306,12 @@ fn output_message(command: &str, line: &str) -> String {
     envelope(
         "output",
         json!({
-            "line": truncate_utf8(line, MAX_LINE_BYTES),
+            "line": crate::text::prefix_within(line, MAX_LINE_BYTES),
             "stream": "stdout",
             "command": command,
             "is_error": false,
         }),
     )
-}
-
-fn truncate_utf8(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// The first line and the end of `text` within `max` bytes (where a failure says why).
@@ -331,7 +320,7 @@ fn head_and_tail(text: &str, max: usize) -> String {
         return text.to_string();
     }
     const MARKER: &str = "\n[...]\n";
-    let head = truncate_utf8(text.lines().next().unwrap_or_default(), max / 4);
+    let head = crate::text::prefix_within(text.lines().next().unwrap_or_default(), max / 4);
     let keep = max - head.len() - MARKER.len();
     let mut start = text.len() - keep;
     while !text.is_char_boundary(start) {

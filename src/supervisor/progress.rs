@@ -144,7 +144,7 @@ impl Progress {
     pub fn set_activity(&self, activity: &str) {
         let mut text = self.activity.lock().unwrap_or_else(|p| p.into_inner());
         text.clear();
-        text.push_str(truncate(activity, MAX_ACTIVITY_BYTES));
+        text.push_str(crate::text::prefix_within(activity, MAX_ACTIVITY_BYTES));
     }
 
     /// The last text given to [`Progress::set_activity`].
@@ -193,17 +193,6 @@ pub(crate) fn age_of(t: SystemTime) -> Duration {
     SystemTime::now()
         .duration_since(t)
         .unwrap_or(Duration::ZERO)
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 #[cfg(test)]

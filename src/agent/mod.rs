@@ -34,10 +34,10 @@ use tokio_util::sync::CancellationToken;
 use crate::commands::{self, Command, Context, ExecEvent, Job, sanitize_name};
 use crate::config::{Secret, Settings, TokenOrigin, human_duration};
 use crate::dashboard::{
-    Correlation, DashboardError, Heartbeat, Link, LinkEvent, LinkTraits, Outcome, Outgoing,
-    OutputLine, Reply, Report, ShortReason, StatusReport,
+    Check, Correlation, DashboardError, Heartbeat, HostChecks, Link, LinkEvent, LinkTraits,
+    Outcome, Outgoing, OutputLine, Reply, Report, ShortReason, StatusReport,
 };
-use crate::exec::{LineTap, Runner};
+use crate::exec::{LineTap, Runner, TaggedLine};
 use crate::facts::{MetricsSampler, OsFacts, read_git_head};
 use crate::store::{Journal, JournalEntry, TokenCache};
 use crate::supervisor::notify::Notifier;
@@ -224,8 +224,8 @@ pub struct Agent<L: Link> {
     link_events: Option<mpsc::Receiver<LinkEvent>>,
     /// A link with events is usable only between `Connected` and `Disconnected`.
     session_up: bool,
-    output_tx: mpsc::Sender<String>,
-    output_rx: mpsc::Receiver<String>,
+    output_tx: mpsc::Sender<TaggedLine>,
+    output_rx: mpsc::Receiver<TaggedLine>,
     /// Refusals of commands that came while another ran ([`Correlation::ByName`]).
     rejections: VecDeque<(String, String)>,
     /// Reboot the host once the reports are out (the dashboard's `reboot`).
@@ -244,6 +244,8 @@ pub struct Agent<L: Link> {
     link: LinkHealth,
     /// SHA-256 of the repository's `flake.lock`, refreshed when a command finishes.
     lock_hash: Option<String>,
+    /// The Lock, System and Tests compartments, as the results of commands leave them.
+    checks: HostChecks,
     next_heartbeat: Instant,
     in_flight: Option<InFlight>,
     events_tx: mpsc::UnboundedSender<ExecEvent>,
@@ -278,6 +280,76 @@ fn command_label(job: &Job) -> String {
     }
 }
 
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn check(status: &str, message: impl Into<String>) -> Check {
+    Check {
+        status: status.into(),
+        message: message.into(),
+        checked_at: crate::facts::rfc3339(now_unix()),
+    }
+}
+
+/// The Lock compartment from `flake.lock` itself: ok up to 7 days since its newest input was
+/// locked, then outdated (the v2 agent's thresholds, contract §6.2); read from the file, so
+/// no child process.
+fn lock_check(repo: Option<&std::path::Path>) -> Check {
+    let Some(updated) = repo.and_then(crate::facts::flake_lock_updated) else {
+        return check("unknown", "no flake.lock with locked inputs");
+    };
+    let days = now_unix().saturating_sub(updated) / 86_400;
+    let age = match days {
+        0 => "Updated today".to_string(),
+        1 => "Updated yesterday".to_string(),
+        n => format!("Updated {n} days ago"),
+    };
+    match days {
+        0..=7 => check("ok", age),
+        8..=30 => check("outdated", format!("{age} - consider updating")),
+        _ => check("outdated", format!("{age} - needs update")),
+    }
+}
+
+/// What a command's final result says about System and Tests (contract v2 §6.2).
+fn record_result(checks: &mut HostChecks, status: &StatusReport) {
+    let ok = status.status == Outcome::Ok;
+    let first_line = status
+        .output
+        .as_deref()
+        .and_then(|o| o.lines().next())
+        .unwrap_or_default()
+        .to_string();
+    match status.command.as_deref() {
+        Some(name @ ("switch" | "pull-switch" | "rollback")) => {
+            if ok {
+                checks.system = check("ok", format!("Last {name} succeeded"));
+                checks.tests = check("outdated", "System changed since the last test");
+            } else {
+                checks.system = check("error", first_line);
+            }
+        }
+        Some("pull" | "pull-reset") if ok => {
+            checks.system = check("outdated", "Pulled; switch to apply");
+        }
+        Some("test") => {
+            checks.tests = check(if ok { "ok" } else { "error" }, first_line);
+        }
+        _ => {}
+    }
+}
+
+/// The name as the dashboard sent it, for a job from the dashboard.
+fn raw_name(job: &Job) -> Option<&str> {
+    match job {
+        Job::Run(Err(raw)) => Some(raw.trim()),
+        _ => None,
+    }
+}
+
 /// A short report in place of one refused for its content: same outcome and counts, the text
 /// replaced by a note. Returns it with the original text (for the log).
 fn stand_in_for(report: &Report, error: &DashboardError, count: u32) -> (Report, String) {
@@ -295,6 +367,7 @@ fn stand_in_for(report: &Report, error: &DashboardError, count: u32) -> (Report,
                 test_status: None,
                 command: status.command.clone(),
                 dropped_lines: 0,
+                exit_code: status.exit_code,
             }),
             status.output.clone().unwrap_or_default(),
         ),
@@ -405,6 +478,10 @@ impl<L: Link> Agent<L> {
             running: None,
             link: LinkHealth::default(),
             lock_hash: settings.repo.dir().and_then(crate::facts::flake_lock_hash),
+            checks: HostChecks {
+                lock: lock_check(settings.repo.dir()),
+                ..HostChecks::default()
+            },
             next_heartbeat: Instant::now(),
             in_flight: None,
             events_tx,
@@ -581,13 +658,11 @@ impl<L: Link> Agent<L> {
     }
 
     /// Sends one output line of the running command, if the link streams output.
-    fn send_output_line(&mut self, line: String) {
-        let command = self
-            .running
-            .as_ref()
-            .and_then(|r| r.command.clone())
-            .unwrap_or_default();
-        let message = Outgoing::Output(OutputLine { command, line });
+    fn send_output_line(&mut self, (command, line): TaggedLine) {
+        let message = Outgoing::Output(OutputLine {
+            command: command.to_string(),
+            line,
+        });
         self.dispatch(message, Delivery::Ephemeral);
     }
 
@@ -624,10 +699,9 @@ impl<L: Link> Agent<L> {
                 self.link.failed_at = Some(now);
                 let down_for = self.link.down_since.map_or(Duration::ZERO, |d| d.elapsed());
                 match &error {
-                    DashboardError::Unauthorized { .. } => tracing::error!(
-                        "the dashboard refused the token ({error}); retrying in {}",
-                        short_duration(retry_in)
-                    ),
+                    DashboardError::Unauthorized { .. } => {
+                        tracing::error!("{error}; retrying in {}", short_duration(retry_in))
+                    }
                     DashboardError::Displaced { .. } => {}
                     _ => tracing::warn!(
                         failures = self.link.failures,
@@ -816,13 +890,21 @@ impl<L: Link> Agent<L> {
                     .map_or_else(|| "switch".into(), |entry| entry.command.clone()),
             ),
         };
+        if matches!(
+            command.as_deref(),
+            Some("switch" | "pull-switch" | "rollback")
+        ) {
+            self.checks.system = check("working", "Switch in progress...");
+        }
         let cancel = CancellationToken::new();
         let stop = CancellationToken::new();
         // Output streams only to a link that takes it; a fresh tap counts this command's drops.
-        let tap = self
-            .traits
-            .streams_output
-            .then(|| LineTap::new(self.output_tx.clone()));
+        let tap = self.traits.streams_output.then(|| {
+            LineTap::new(
+                self.output_tx.clone(),
+                command.as_deref().unwrap_or_default(),
+            )
+        });
         let runner = match &tap {
             Some(tap) => self.runner.clone().with_line_tap(tap.clone()),
             None => self.runner.clone(),
@@ -834,6 +916,7 @@ impl<L: Link> Agent<L> {
             events: self.events_tx.clone(),
             cancel: cancel.clone(),
             stop: stop.clone(),
+            last_exit: Default::default(),
             definition: self.definition.clone(),
         };
         tokio::spawn(commands::execute(ctx, job));
@@ -922,6 +1005,7 @@ impl<L: Link> Agent<L> {
                     && let Some(mut status) = running.final_status.take()
                 {
                     status.dropped_lines = running.tap.as_ref().map_or(0, LineTap::dropped);
+                    record_result(&mut self.checks, &status);
                     self.outbox.push(Report::Status(status), None);
                 }
                 if let Some(running) = self.running.take() {
@@ -946,6 +1030,7 @@ impl<L: Link> Agent<L> {
                     .repo
                     .dir()
                     .and_then(crate::facts::flake_lock_hash);
+                self.checks.lock = lock_check(self.settings.repo.dir());
                 // Not while the switch's row is still open (the next instance reports it).
                 if !left_running {
                     for report in std::mem::take(&mut self.held_reports) {
@@ -1032,6 +1117,7 @@ impl<L: Link> Agent<L> {
             running: self.running.as_ref().and_then(|r| r.command.clone()),
             repo_url: self.settings.repo.url_for_display(),
             lock_hash: self.lock_hash.clone(),
+            checks: self.checks.clone(),
         }
     }
 
@@ -1080,6 +1166,15 @@ impl<L: Link> Agent<L> {
                 id,
                 result: Ok(reply),
             } => {
+                // v2: the dashboard judges a result on the next heartbeat (contract §7.2), so
+                // one follows every final status at once.
+                let was_result = !self.by_position()
+                    && self.outbox.front().is_some_and(|e| {
+                        e.id == id && matches!(&e.report, Report::Status(s) if s.command.is_some())
+                    });
+                if was_result {
+                    self.next_heartbeat = Instant::now();
+                }
                 self.outbox.pop(id);
                 self.refusal = None;
                 self.report_failed_last = false;
@@ -1436,6 +1531,11 @@ impl<L: Link> Agent<L> {
             Job::Run(Ok(c)) => Some(*c),
             _ => None,
         };
+        // The dashboard's Kill button sends `kill`: a stop, answered under its own name.
+        let (command, name) = match (command, raw_name(&job)) {
+            (None, Some("kill")) => (Some(Command::Stop), "kill".to_string()),
+            _ => (command, name),
+        };
         if self.stopping.is_some() && command != Some(Command::Stop) {
             self.answer(
                 &name,
@@ -1446,7 +1546,7 @@ impl<L: Link> Agent<L> {
         }
         match (command, &busy_with) {
             (Some(Command::Stop), None) => {
-                self.answer("stop", Outcome::Error, "No command running".into());
+                self.answer(&name, Outcome::Error, "No command running".into());
             }
             (Some(Command::Stop), Some(current)) => {
                 let current = current.clone();
@@ -1457,10 +1557,11 @@ impl<L: Link> Agent<L> {
                 self.queue.clear();
                 self.journal_queue();
                 tracing::warn!(NIXFLEET_COMMAND = %current, "stopping {current} as the dashboard asked");
-                self.answer("stop", Outcome::Ok, format!("Stopped {current}"));
+                self.answer(&name, Outcome::Ok, format!("Stopped {current}"));
             }
             (Some(Command::Restart), _) => {
                 self.answer("restart", Outcome::Ok, "Agent restarting...".into());
+                self.observer.note_exit("restart");
                 self.begin_stop(crate::exit::OK, self.settings.shutdown_grace);
             }
             (Some(Command::Reboot), Some(current)) => {
@@ -1480,6 +1581,7 @@ impl<L: Link> Agent<L> {
                     "Rebooting once this report is delivered".into(),
                 );
                 self.reboot_after_stop = true;
+                self.observer.note_exit("reboot");
                 self.begin_stop(crate::exit::OK, Duration::ZERO);
             }
             (_, Some(current)) => {

@@ -142,6 +142,13 @@ impl Observer {
     }
 }
 
+impl Observer {
+    /// Why the agent is about to exit, when it is the dashboard's doing (restart, reboot).
+    pub(super) fn note_exit(&mut self, detail: &str) {
+        self.exit_detail = Some(detail.to_string());
+    }
+}
+
 /// Whether this process runs as a systemd service (the manager set `INVOCATION_ID`), and its
 /// unit name from the cgroup path.
 fn own_systemd_unit() -> Option<(String, bool)> {

@@ -46,7 +46,14 @@ pub(super) async fn check_version(ctx: &Context) {
         .settings
         .agent_path
         .clone()
-        .or_else(|| std::env::current_exe().ok());
+        .or_else(|| std::env::current_exe().ok())
+        // Linux names a replaced executable "<path> (deleted)": the new file is at <path>.
+        .map(
+            |path| match path.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+                Some(stripped) => std::path::PathBuf::from(stripped),
+                None => path,
+            },
+        );
     let Some(installed) = installed else {
         ctx.error("Check-version failed: cannot find the installed agent binary");
         return;

@@ -150,6 +150,9 @@ pub struct Context {
     pub cancel: CancellationToken,
     /// The dashboard's `stop`: end the command, a detached switch included.
     pub stop: CancellationToken,
+    /// The exit code of the last step (124 timed out, 130 stopped or cancelled, 128+n killed
+    /// by signal n, 127 not started), for the result's `exit_code`.
+    pub last_exit: Arc<std::sync::atomic::AtomicI32>,
     /// The service definition as it was at startup (compared after a successful switch).
     pub definition: Arc<crate::definition::Definition>,
 }
@@ -207,6 +210,7 @@ impl Context {
                 test_status,
                 command: None,
                 dropped_lines: 0,
+                exit_code: Some(self.last_exit.load(std::sync::atomic::Ordering::Relaxed)),
             })));
     }
 
@@ -239,6 +243,17 @@ impl Context {
         });
         let ran = self.runner.run(cmd, &either).await;
         watcher.abort();
+        let code = match &ran {
+            Ok(outcome) => match outcome.exit {
+                Exit::Code(code) => code,
+                Exit::Signal(signal) => 128 + signal,
+                Exit::TimedOut { .. } => 124,
+                Exit::Cancelled => 130,
+            },
+            Err(_) => 127,
+        };
+        self.last_exit
+            .store(code, std::sync::atomic::Ordering::Relaxed);
         match ran {
             Ok(outcome) if self.stop.is_cancelled() && outcome.exit == Exit::Cancelled => {
                 StepResult {

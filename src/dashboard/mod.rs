@@ -54,6 +54,28 @@ pub struct Heartbeat {
     /// SHA-256 of the repository's `flake.lock` (v2 `lock_hash`), computed when it can change.
     #[serde(skip)]
     pub lock_hash: Option<String>,
+    /// The Lock, System and Tests compartments (v2 `update_status`).
+    #[serde(skip)]
+    pub checks: HostChecks,
+}
+
+/// One status compartment as the v2 dashboard shows it (`update_status`, contract §6.2).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Check {
+    /// `ok`, `outdated`, `working`, `error`, `unknown`, or empty when never checked.
+    pub status: String,
+    pub message: String,
+    /// RFC 3339 UTC, empty when never checked.
+    pub checked_at: String,
+}
+
+/// What the agent knows of the host's Lock, System and Tests compartments (v2 heartbeats;
+/// the v1 dashboard has no such field).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostChecks {
+    pub lock: Check,
+    pub system: Check,
+    pub tests: Check,
 }
 
 /// What the dashboard answered to something the agent sent.
@@ -88,6 +110,10 @@ pub struct StatusReport {
     /// Output lines that could not be streamed (v2: the flood was over the bound).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub dropped_lines: u64,
+    /// The failing step's exit code (124 timed out, 130 stopped), for a failure (v2
+    /// `exit_code`; v1 has only ok/error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -104,6 +130,7 @@ impl StatusReport {
             test_status: None,
             command: None,
             dropped_lines: 0,
+            exit_code: None,
         }
     }
 }

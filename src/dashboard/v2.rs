@@ -50,8 +50,10 @@ const LINGER_AFTER_STATUS: Duration = Duration::from_secs(1);
 /// A connection closed for a newer one sooner than this after `registered` counts as
 /// displaced by another agent using the same hostname.
 const DISPLACED_WITHIN: Duration = Duration::from_secs(30);
-/// Displacements in a row before the agent says so and backs off as for an outage.
+/// Displacements in a row before the agent says so and backs off.
 const DISPLACED_TIMES: u32 = 2;
+/// Longest wait between redials while another agent keeps taking this hostname.
+const DISPLACED_CAP: Duration = Duration::from_secs(600);
 
 /// The v2 link. Cloning shares the socket task.
 #[derive(Clone)]
@@ -261,12 +263,22 @@ fn heartbeat_message(beat: &Heartbeat) -> String {
         "pending_command": beat.running,
         "command_pid": Value::Null,
         "metrics": metrics_value(beat),
-        "update_status": Value::Null,
+        "update_status": {
+            // Git is computed by the dashboard from the generation.
+            "git": check_value(&super::Check::default()),
+            "lock": check_value(&beat.checks.lock),
+            "system": check_value(&beat.checks.system),
+            "tests": check_value(&beat.checks.tests),
+        },
     });
     if let Some(hash) = &beat.lock_hash {
         payload["lock_hash"] = json!(hash);
     }
     envelope("heartbeat", payload)
+}
+
+fn check_value(check: &super::Check) -> Value {
+    json!({"status": check.status, "message": check.message, "checked_at": check.checked_at})
 }
 
 fn status_message(command: &str, report: &StatusReport) -> String {
@@ -279,10 +291,15 @@ fn status_message(command: &str, report: &StatusReport) -> String {
             report.dropped_lines
         ));
     }
+    let exit_code = match report.exit_code {
+        Some(code) if !ok && code != 0 => code,
+        _ if ok => 0,
+        _ => 1,
+    };
     let mut payload = json!({
         "status": if ok { "ok" } else { "error" },
         "command": command,
-        "exit_code": if ok { 0 } else { 1 },
+        "exit_code": exit_code,
     });
     let message = head_and_tail(&message, MAX_MESSAGE_BYTES);
     if !message.is_empty() {
@@ -384,15 +401,16 @@ impl SocketTask {
                         .map(|b| b.hostname.clone())
                         .unwrap_or_default();
                     if displaced >= DISPLACED_TIMES {
-                        failures = failures.saturating_add(1);
                         let error = DashboardError::Displaced {
                             hostname,
                             times: displaced,
                         };
+                        // Grows with each displacement in a row, up to 10 minutes: two agents
+                        // with one name stop evicting each other every second (contract §3.5).
                         let delay = backoff::retry_delay(
-                            self.dialer.interval,
                             self.dialer.backoff_cap,
-                            failures,
+                            self.dialer.backoff_cap.max(DISPLACED_CAP),
+                            displaced - 1,
                             fastrand::f64(),
                         );
                         tracing::error!("{error}; retrying in {}s", delay.as_secs());
@@ -825,6 +843,7 @@ mod tests {
             running: Some("switch".into()),
             repo_url: None,
             lock_hash: Some("ab".into()),
+            checks: super::super::HostChecks::default(),
         }
     }
 

@@ -49,7 +49,7 @@ use nix::sys::signal::Signal;
 use tokio_util::sync::CancellationToken;
 
 use capture::Capture;
-pub use tap::{LineTap, MAX_STREAM_LINE};
+pub use tap::{LineTap, MAX_STREAM_LINE, TaggedLine};
 
 /// How much captured output to keep in memory (head + tail) per child.
 pub const DEFAULT_OUTPUT_CAP: usize = 256 * 1024;

@@ -13,24 +13,34 @@ use tokio::sync::mpsc;
 /// Longest streamed line, in bytes; the rest of the line is dropped from the stream.
 pub const MAX_STREAM_LINE: usize = 4096;
 
+/// A line with the name of the command that printed it: the name is fixed when the line is
+/// made, so lines still waiting when the command ends keep it.
+pub type TaggedLine = (Arc<str>, String);
+
 /// Where a command's output lines go. Cheap to clone; clones share the drop counter.
 #[derive(Clone, Debug)]
 pub struct LineTap {
-    lines: mpsc::Sender<String>,
+    lines: mpsc::Sender<TaggedLine>,
+    command: Arc<str>,
     dropped: Arc<AtomicU64>,
 }
 
 impl LineTap {
-    pub fn new(lines: mpsc::Sender<String>) -> Self {
+    pub fn new(lines: mpsc::Sender<TaggedLine>, command: &str) -> Self {
         LineTap {
             lines,
+            command: Arc::from(command),
             dropped: Arc::new(AtomicU64::new(0)),
         }
     }
 
     /// Offers one line; never blocks.
     pub fn send(&self, line: String) {
-        if self.lines.try_send(line).is_err() {
+        if self
+            .lines
+            .try_send((Arc::clone(&self.command), line))
+            .is_err()
+        {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -88,16 +98,19 @@ mod tests {
     #[test]
     fn lines_are_split_cut_and_counted_when_the_backlog_is_full() {
         let (tx, mut rx) = mpsc::channel(3);
-        let tap = LineTap::new(tx);
+        let tap = LineTap::new(tx, "test");
         let mut split = LineSplitter::new(tap.clone());
         split.push(b"one\r\ntw");
         split.push(b"o\n");
         split.push(&vec![b'x'; MAX_STREAM_LINE * 2]);
         split.push(b"\nfour\nfive");
         split.finish();
-        assert_eq!(rx.try_recv().unwrap(), "one");
-        assert_eq!(rx.try_recv().unwrap(), "two");
-        assert_eq!(rx.try_recv().unwrap().len(), MAX_STREAM_LINE);
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            (Arc::from("test"), "one".to_string())
+        );
+        assert_eq!(rx.try_recv().unwrap().1, "two");
+        assert_eq!(rx.try_recv().unwrap().1.len(), MAX_STREAM_LINE);
         assert!(rx.try_recv().is_err());
         assert_eq!(tap.dropped(), 2, "four and five did not fit");
     }

@@ -89,6 +89,43 @@ pub fn flake_lock_hash(dir: &Path) -> Option<String> {
     Some(digest.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// When `<dir>/flake.lock` was last updated, as the newest `lastModified` of its locked
+/// inputs (unix seconds): read from the file, no git child process.
+pub fn flake_lock_updated(dir: &Path) -> Option<u64> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(dir.join("flake.lock")).ok()?;
+    let mut bytes = Vec::new();
+    file.take(4 * 1024 * 1024).read_to_end(&mut bytes).ok()?;
+    let lock: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    lock.get("nodes")?
+        .as_object()?
+        .values()
+        .filter_map(|node| node.get("locked")?.get("lastModified")?.as_u64())
+        .max()
+}
+
+/// RFC 3339 UTC with seconds (`2026-01-25T15:04:05Z`) of a unix time.
+pub fn rfc3339(unix: u64) -> String {
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
 /// The commit hash at HEAD of the git repository `dir`, read from `.git` without running git.
 /// Handles detached HEADs, loose and packed refs, and `.git` files (worktrees, submodules).
 pub fn read_git_head(dir: &Path) -> Option<String> {
@@ -155,6 +192,26 @@ impl MetricsSampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_of_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_769_353_445), "2026-01-25T15:04:05Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn lock_update_time_is_the_newest_locked_input() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("flake.lock"),
+            r#"{"nodes":{"a":{"locked":{"lastModified":100}},"b":{"locked":{"lastModified":300}},"root":{}},"version":7}"#,
+        )
+        .unwrap();
+        assert_eq!(flake_lock_updated(dir.path()), Some(300));
+        std::fs::write(dir.path().join("flake.lock"), "not json").unwrap();
+        assert_eq!(flake_lock_updated(dir.path()), None);
+    }
 
     #[test]
     fn git_head_from_loose_and_packed_refs_and_detached() {

@@ -278,7 +278,7 @@ fn v2_busy_agent_rejects_then_stop_kills_the_whole_tree() {
     let stop = wait_result(&dash, "stop");
     assert_eq!(exit_code(&stop), 0, "{stop:?}");
     let switch = wait_result(&dash, "switch");
-    assert_ne!(exit_code(&switch), 0);
+    assert_eq!(exit_code(&switch), 130, "{switch:?}");
     assert!(
         message(&switch).contains("stopped by the dashboard"),
         "{switch:?}"
@@ -563,4 +563,71 @@ fn v2_stop_ends_a_switch_running_outside_the_agent_and_reports_it() {
         })
     });
     assert!(gone, "the detached switch survived the stop");
+}
+
+#[test]
+fn v2_result_is_followed_by_a_heartbeat_with_the_compartments_and_output_keeps_its_command() {
+    let (mut h, dash, repos) = v2_with_repo();
+    // A long interval: only the heartbeat that follows each result can finish it quickly.
+    h.set("NIXFLEET_INTERVAL", "30");
+    h.stand_in("nixos-rebuild", "echo building; echo activating");
+    write_executable(
+        &repos.dev.join("hosts/testhost/tests/T01-fail.sh"),
+        "#!/bin/sh\necho checking\nexit 3\n",
+    );
+    repos.push_commit("failing test", &[]);
+    let agent = h.spawn();
+    assert!(registered(&dash));
+    let finished = |op: &str| {
+        dash.command_history(HOST)
+            .iter()
+            .any(|c| c.op == op && c.finished_at.is_some())
+    };
+    let t = Instant::now();
+    dash.dispatch(HOST, "pull").unwrap();
+    assert!(wait_until(T, || finished("pull")), "{}", agent.log());
+    dash.dispatch(HOST, "test").unwrap();
+    assert!(wait_until(T, || finished("test")), "{}", agent.log());
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "results waited for the 30 s heartbeat"
+    );
+    let test = wait_result(&dash, "test");
+    assert_eq!(exit_code(&test), 3, "the script's own exit code: {test:?}");
+    dash.send_command(HOST, "switch").unwrap();
+    wait_result(&dash, "switch");
+    // The heartbeat after the switch's result carries the compartments.
+    assert!(wait_until(T, || {
+        dash.messages("heartbeat").last().is_some_and(|beat| {
+            let checks = &beat.payload.as_ref().unwrap()["update_status"];
+            checks["system"]["status"] == "ok" && checks["tests"]["status"] == "outdated"
+        })
+    }));
+    let beat = dash.messages("heartbeat").pop().unwrap();
+    let checks = &beat.payload.as_ref().unwrap()["update_status"];
+    assert_eq!(checks["lock"]["status"], "unknown", "{checks}");
+    assert!(
+        checks["system"]["checked_at"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+    // Every line of a command, its last ones included, names that command.
+    for frame in dash.messages("output") {
+        let line = frame.str_field("line").unwrap_or_default();
+        if !line.starts_with("[nixfleet-agent]") {
+            assert_ne!(frame.str_field("command"), Some(""), "{frame:?}");
+        }
+    }
+    assert!(
+        dash.messages("output")
+            .iter()
+            .any(|f| f.str_field("line") == Some("activating")
+                && f.str_field("command") == Some("switch"))
+    );
+    // The dashboard's Kill button sends `kill`: a stop, answered under its own name.
+    dash.send_command(HOST, "kill").unwrap();
+    let kill = wait_result(&dash, "kill");
+    assert_eq!(exit_code(&kill), 1);
+    assert!(message(&kill).contains("No command running"), "{kill:?}");
 }

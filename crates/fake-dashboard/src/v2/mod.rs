@@ -14,6 +14,7 @@
 //! and writer), `impostor` (a scripted second client), `control` (HTTP control API for the
 //! binary).
 
+pub mod control;
 mod decode;
 mod impostor;
 mod server;

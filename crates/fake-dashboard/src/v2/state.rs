@@ -133,6 +133,7 @@ pub struct HostState {
     /// connection ends.
     pub online: bool,
     /// Last `register` or `heartbeat`.
+    #[serde(serialize_with = "crate::timefmt::serde_naive::required")]
     pub last_seen: SystemTime,
     /// Owned by the lifecycle: the op sent, cleared by `register` and by completion.
     pub pending_command: Option<String>,
@@ -272,8 +273,10 @@ pub struct TrackedCommand {
     /// A successful non-switch result waiting for the next heartbeat's post-check.
     pub awaiting_heartbeat: bool,
     /// When it was sent.
+    #[serde(serialize_with = "crate::timefmt::serde_naive::required")]
     pub started_at: SystemTime,
     /// When it reached a final state.
+    #[serde(serialize_with = "crate::timefmt::serde_naive::optional")]
     pub finished_at: Option<SystemTime>,
     #[serde(skip)]
     warn_at: Instant,
@@ -518,7 +521,10 @@ impl State {
             host,
             at: Instant::now(),
         };
-        if let Some(hook) = &self.opts.on_frame {
+        // An inbound message is shown to the hook once processed (with its host and outcome).
+        let inbound_data =
+            f.dir == Direction::In && matches!(f.kind, FrameKind::Text | FrameKind::Binary);
+        if !inbound_data && let Some(hook) = &self.opts.on_frame {
             hook(&frame);
         }
         self.frames.push(frame);
@@ -530,6 +536,17 @@ impl State {
     /// Processes the inbound data message logged at `idx`; outcomes that make it a no-op are
     /// written back into the log entry's `ignored`.
     pub(crate) fn process(&mut self, conn: u64, idx: usize, now: Instant, wall: SystemTime) {
+        self.apply(conn, idx, now, wall);
+        // A register names the connection: show it on its own log entry too.
+        if self.frames[idx].host.is_none() {
+            self.frames[idx].host = self.conns.get(&conn).and_then(|c| c.info.hostname.clone());
+        }
+        if let Some(hook) = &self.opts.on_frame {
+            hook(&self.frames[idx]);
+        }
+    }
+
+    fn apply(&mut self, conn: u64, idx: usize, now: Instant, wall: SystemTime) {
         self.tick(now, wall);
         let frame = &self.frames[idx];
         if frame.ignored.is_some() {
@@ -566,10 +583,6 @@ impl State {
         };
         if let Err(e) = result {
             self.frames[idx].ignored = Some(e);
-        }
-        // A register names the connection: show it on its own log entry too.
-        if self.frames[idx].host.is_none() {
-            self.frames[idx].host = self.conns.get(&conn).and_then(|c| c.info.hostname.clone());
         }
     }
 

@@ -36,7 +36,8 @@ pub use state::{Blocked, CommandStatus, HostState, SendError, TrackedCommand};
 
 use server::Shared;
 
-/// Called with each recorded frame (the binary prints them).
+/// Called with each recorded frame (the binary prints them). It runs with the fake's lock
+/// held, so it must not call back into [`FakeV2`].
 pub type FrameHook = Arc<dyn Fn(&Frame) + Send + Sync>;
 
 /// How the fake is configured. Only `tls`, `bind` and `port` are fixed at start; the rest can
@@ -105,6 +106,27 @@ impl Default for V2Options {
             dashboard_version: "dev".into(),
             on_frame: None,
         }
+    }
+}
+
+impl V2Options {
+    /// Rejects values the server cannot run with, naming the field.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, d) in [
+            ("ping_interval", self.ping_interval),
+            ("read_deadline", self.read_deadline),
+            ("write_deadline", self.write_deadline),
+        ] {
+            if d.is_zero() {
+                return Err(format!("V2Options::{name} must be longer than zero"));
+            }
+        }
+        if self.max_message == 0 || self.queue_cap == 0 {
+            return Err(
+                "V2Options::max_message and V2Options::queue_cap must be at least 1".into(),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -356,8 +378,10 @@ impl FakeV2 {
         Self::try_start(opts).unwrap_or_else(|e| panic!("fake-dashboard v2: cannot start: {e}"))
     }
 
-    /// Like [`FakeV2::start`] but reports failure.
+    /// Like [`FakeV2::start`] but reports failure, including options that cannot work.
     pub fn try_start(opts: V2Options) -> std::io::Result<FakeV2> {
+        opts.check()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let tls = if opts.tls {
             Some(crate::tls::generate().map_err(std::io::Error::other)?)
         } else {
@@ -648,6 +672,21 @@ mod tests {
         assert_send_sync::<FakeV2>();
         assert_send_sync::<Frame>();
         assert_send_sync::<V2Options>();
+    }
+
+    #[test]
+    fn zero_timers_are_refused_by_name() {
+        let opts = V2Options {
+            ping_interval: Duration::ZERO,
+            ..V2Options::default()
+        };
+        let err = FakeV2::try_start(opts).unwrap_err();
+        assert!(err.to_string().contains("ping_interval"), "{err}");
+        let opts = V2Options {
+            queue_cap: 0,
+            ..V2Options::default()
+        };
+        assert!(opts.check().unwrap_err().contains("queue_cap"));
     }
 
     #[test]

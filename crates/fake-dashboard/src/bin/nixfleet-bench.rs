@@ -186,6 +186,26 @@ Numbers depend a lot on the build profile; for representative ones:
         /// The pid whose CPU the hook samples (0: none).
         pid: Arc<AtomicI32>,
         samples: Arc<Mutex<Vec<Sample>>>,
+        /// v2: what the hook saw, so a 50 MiB flood is counted without being kept.
+        v2_seen: Arc<Mutex<V2Seen>>,
+    }
+
+    /// A v2 `status` message as the hook saw it.
+    struct SeenStatus {
+        seq: u64,
+        at: SystemTime,
+        command: String,
+        message: String,
+        /// `output` messages and bytes between the last `send_switch` and this status.
+        outputs: (usize, usize),
+    }
+
+    /// v2 `output` and `status` messages as the hook saw them.
+    #[derive(Default)]
+    struct V2Seen {
+        /// `output` messages and bytes since the last `send_switch`.
+        outputs: (usize, usize),
+        statuses: Vec<SeenStatus>,
     }
 
     /// A final report as the dashboard received it.
@@ -233,16 +253,31 @@ Numbers depend a lot on the build profile; for representative ones:
         fn start(v2: bool) -> Result<Dash, String> {
             let pid = Arc::new(AtomicI32::new(0));
             let samples = Arc::new(Mutex::new(Vec::new()));
+            let v2_seen = Arc::new(Mutex::new(V2Seen::default()));
             let fake = if v2 {
                 let hook: FrameHook = {
                     let pid = pid.clone();
                     let samples = samples.clone();
+                    let seen = v2_seen.clone();
                     Arc::new(move |f: &Frame| {
                         let ok = f.ignored.is_none();
                         if f.is_in("heartbeat") {
                             sample(&pid, &samples, Endpoint::Register, ok);
+                        } else if f.is_in("output") {
+                            let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+                            seen.outputs.0 += 1;
+                            seen.outputs.1 += f.raw_len;
                         } else if f.is_in("status") {
                             sample(&pid, &samples, Endpoint::Status, ok);
+                            let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+                            let outputs = seen.outputs;
+                            seen.statuses.push(SeenStatus {
+                                seq: f.seq,
+                                at: SystemTime::now(),
+                                command: f.str_field("command").unwrap_or("").to_owned(),
+                                message: f.str_field("message").unwrap_or("").to_owned(),
+                                outputs,
+                            });
                         }
                     })
                 };
@@ -250,6 +285,7 @@ Numbers depend a lot on the build profile; for representative ones:
                     FakeV2::try_start(V2Options {
                         token: common::SHARED_TOKEN.into(),
                         on_frame: Some(hook),
+                        record_output: false,
                         ..V2Options::default()
                     })
                     .map_err(|e| format!("cannot start the fake v2 dashboard: {e}"))?,
@@ -272,7 +308,12 @@ Numbers depend a lot on the build profile; for representative ones:
                     .map_err(|e| format!("cannot start the fake dashboard: {e}"))?,
                 )
             };
-            Ok(Dash { fake, pid, samples })
+            Ok(Dash {
+                fake,
+                pid,
+                samples,
+                v2_seen,
+            })
         }
 
         fn url(&self) -> String {
@@ -298,12 +339,18 @@ Numbers depend a lot on the build profile; for representative ones:
                     d.force_command(HOST, "switch");
                     Ok(())
                 }
-                Fake::V2(d) => common::wait_until(timeout, || {
-                    d.host(HOST)
-                        .filter(|h| h.heartbeats > 0)
-                        .and_then(|_| d.send_command(HOST, "switch").ok())
-                })
-                .ok_or_else(|| "the agent never connected to receive the switch".into()),
+                Fake::V2(d) => {
+                    self.v2_seen
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .outputs = (0, 0);
+                    common::wait_until(timeout, || {
+                        d.host(HOST)
+                            .filter(|h| h.heartbeats > 0)
+                            .and_then(|_| d.send_command(HOST, "switch").ok())
+                    })
+                    .ok_or_else(|| "the agent never connected to receive the switch".into())
+                }
             }
         }
 
@@ -360,24 +407,16 @@ Numbers depend a lot on the build profile; for representative ones:
                         })
                     })
                 }),
-                Fake::V2(d) => common::wait_until(timeout, || {
-                    let frames = d.frames();
-                    let status = frames.iter().find(|f| {
-                        f.seq > after
-                            && f.is_in("status")
-                            && f.str_field("command") == Some("switch")
-                    })?;
-                    let outputs: Vec<&Frame> = frames
+                Fake::V2(_) => common::wait_until(timeout, || {
+                    let seen = self.v2_seen.lock().unwrap_or_else(PoisonError::into_inner);
+                    let status = seen
+                        .statuses
                         .iter()
-                        .filter(|f| f.seq > after && f.seq < status.seq && f.is_in("output"))
-                        .collect();
+                        .find(|s| s.seq > after && s.command == "switch")?;
                     Some(Report {
-                        at: SystemTime::now() - status.at.elapsed(),
-                        text: status.str_field("message").unwrap_or("").to_owned(),
-                        output_messages: Some((
-                            outputs.len(),
-                            outputs.iter().map(|f| f.raw_len).sum(),
-                        )),
+                        at: status.at,
+                        text: status.message.clone(),
+                        output_messages: Some(status.outputs),
                     })
                 }),
             }

@@ -76,6 +76,9 @@ pub struct V2Options {
     pub dashboard_version: String,
     /// Observer for every recorded frame.
     pub on_frame: Option<FrameHook>,
+    /// Keep `output` messages in the frame log (the hook sees them either way). The benchmark
+    /// turns it off so a 50 MiB flood does not grow the fake.
+    pub record_output: bool,
 }
 
 /// The two lifecycle timers of a tracked command.
@@ -105,6 +108,7 @@ impl Default for V2Options {
             op_timeouts: None,
             dashboard_version: "dev".into(),
             on_frame: None,
+            record_output: true,
         }
     }
 }
@@ -146,6 +150,7 @@ impl fmt::Debug for V2Options {
             .field("write_deadline", &self.write_deadline)
             .field("op_timeouts", &self.op_timeouts)
             .field("dashboard_version", &self.dashboard_version)
+            .field("record_output", &self.record_output)
             .finish_non_exhaustive()
     }
 }
@@ -204,7 +209,7 @@ pub enum FrameKind {
 /// One entry of the ordered frame log.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Frame {
-    /// Position in the log, from 1.
+    /// Position in the log, from 1 (gaps where `record_output` is off).
     pub seq: u64,
     /// Connection id (see [`FakeV2::connections`]).
     pub conn: u64,

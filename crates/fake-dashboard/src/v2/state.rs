@@ -327,6 +327,7 @@ pub(crate) struct State {
     pub history: HashMap<String, Vec<TrackedCommand>>,
     next_conn: u64,
     next_command: u64,
+    next_seq: u64,
 }
 
 /// A frame about to be logged (the log assigns `seq` and `host`).
@@ -354,6 +355,7 @@ impl State {
             history: HashMap::new(),
             next_conn: 1,
             next_command: 1,
+            next_seq: 1,
         }
     }
 
@@ -506,8 +508,10 @@ impl State {
             FrameKind::Close => String::new(),
             _ => String::from_utf8_lossy(&f.bytes).into_owned(),
         };
+        let seq = self.next_seq;
+        self.next_seq += 1;
         let frame = Frame {
-            seq: self.frames.len() as u64 + 1,
+            seq,
             conn: f.conn,
             dir: f.dir,
             kind: f.kind,
@@ -543,6 +547,10 @@ impl State {
         }
         if let Some(hook) = &self.opts.on_frame {
             hook(&self.frames[idx]);
+        }
+        // Logged and processed under one lock hold, so it is still the last entry.
+        if !self.opts.record_output && self.frames[idx].is_in("output") {
+            self.frames.truncate(idx);
         }
     }
 
@@ -1126,7 +1134,7 @@ mod tests {
             close_code: None,
         });
         st.process(conn, idx, now, SystemTime::now());
-        st.frames[idx].ignored.clone()
+        st.frames.get(idx).and_then(|f| f.ignored.clone())
     }
 
     fn register(host: &str) -> Value {
@@ -1183,6 +1191,42 @@ mod tests {
             Err(SendError::QueueFull)
         );
         drop(a);
+    }
+
+    #[test]
+    fn output_can_be_left_out_of_the_log_but_still_reaches_the_hook() {
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = seen.clone();
+        let mut st = state(|o| {
+            o.record_output = false;
+            o.on_frame = Some(std::sync::Arc::new(move |f: &Frame| {
+                if f.is_in("output") {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }));
+        });
+        let a = connect(&mut st, 4);
+        let now = Instant::now();
+        feed(&mut st, a.id, register("h"), now);
+        let line = json!({"type": "output", "payload": {"line": "x", "stream": "stdout", "command": "", "is_error": false}});
+        feed(&mut st, a.id, line.clone(), now);
+        feed(&mut st, a.id, line, now);
+        feed(
+            &mut st,
+            a.id,
+            json!({"type": "heartbeat", "payload": {}}),
+            now,
+        );
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let seqs: Vec<_> = st
+            .frames
+            .iter()
+            .map(|f| (f.seq, f.msg_type.clone().unwrap()))
+            .collect();
+        assert_eq!(
+            seqs,
+            vec![(1, "register".to_owned()), (4, "heartbeat".to_owned())]
+        );
     }
 
     #[test]

@@ -1061,8 +1061,12 @@ Numbers depend a lot on the build profile; for representative ones:
                 "  output messages sent",
                 &messages.to_string(),
                 &format!(
-                    "{:.1} MiB of {:.0} MiB printed reached the dashboard, then the status",
-                    bytes as f64 / MIB,
+                    "{} in them ({:.0} MiB printed), then the status",
+                    if bytes as f64 >= MIB {
+                        format!("{:.1} MiB", bytes as f64 / MIB)
+                    } else {
+                        format!("{:.1} KiB", bytes as f64 / 1024.0)
+                    },
                     FLOOD_BYTES as f64 / MIB
                 ),
             ),

@@ -152,17 +152,15 @@ fn last_seq(fake: &FakeV2) -> u64 {
 /// name at all), sends it directly and says so.
 fn push(fake: &FakeV2, command: &str) -> Result<u64, String> {
     let after = last_seq(fake);
-    match fake.dispatch(HOST, command) {
-        Ok(()) => ui().say(&format!(
-            "operator dispatches \"{command}\" (POST /api/dispatch); it is pushed over the socket at once"
-        )),
-        Err(b) => {
-            ui().say(&format!(
-                "the op engine would refuse \"{command}\" ({b}); sending it directly"
-            ));
-            fake.send_command(HOST, command)
-                .map_err(|e| format!("cannot send \"{command}\": {e}"))?;
-        }
+    ui().say(&format!(
+        "operator dispatches \"{command}\" (POST /api/dispatch); it is pushed over the socket at once"
+    ));
+    if let Err(b) = fake.dispatch(HOST, command) {
+        ui().say(&format!(
+            "the op engine refuses \"{command}\" ({b}); sending it directly instead"
+        ));
+        fake.send_command(HOST, command)
+            .map_err(|e| format!("cannot send \"{command}\": {e}"))?;
     }
     Ok(after)
 }
@@ -199,15 +197,34 @@ fn wait_status(fake: &FakeV2, after: u64, command: &str) -> Result<Frame, String
     Ok(f)
 }
 
+/// Waits (bounded) until the tracked command is judged, then says how: a non-switch result
+/// is held until the next heartbeat (§7.2), a switch waits for a register.
 fn lifecycle_note(fake: &FakeV2) {
-    if let Some(c) = fake.command_state(HOST) {
-        ui().say(&format!(
-            "the dashboard's lifecycle: \"{}\" is {:?}{}",
-            c.op,
-            c.status,
-            c.message.map(|m| format!(" ({m})")).unwrap_or_default()
+    common::wait_until(STEP_TIMEOUT, || {
+        fake.command_state(HOST)
+            .filter(|c| c.status.is_final() || c.status == CommandStatus::AwaitingReconnect)
+            .map(|_| ())
+    });
+    let Some(c) = fake.command_state(HOST) else {
+        return;
+    };
+    let mut note = format!("the dashboard's lifecycle: \"{}\" is {:?}", c.op, c.status);
+    if c.status == CommandStatus::Partial {
+        let lock = fake
+            .host(HOST)
+            .and_then(|h| h.update_status)
+            .map(|u| u["lock"]["status"].as_str().unwrap_or("").to_owned())
+            .unwrap_or_default();
+        note.push_str(&format!(
+            " ({}; the agent reports Lock \"{lock}\")",
+            c.message.unwrap_or_default()
         ));
+    } else if c.status != CommandStatus::Success
+        && let Some(m) = c.message
+    {
+        note.push_str(&format!(" ({})", first_line(&m, 60)));
     }
+    ui().say(&note);
 }
 
 pub(super) fn script(agent_bin: &Path, root: &Path) -> Result<(), String> {
@@ -384,9 +401,15 @@ pub(super) fn script(agent_bin: &Path, root: &Path) -> Result<(), String> {
         .iter()
         .filter(|f| f.seq > after && f.seq < st.seq && f.is_in("operation_progress"))
         .count();
+    let tests = fake
+        .frames()
+        .iter()
+        .filter(|f| f.seq > after && f.seq < st.seq && f.is_in("test_progress"))
+        .count();
     ui.say(&format!(
-        "{progress} operation_progress messages before the result"
+        "{progress} operation_progress and {tests} test_progress messages before the result"
     ));
+    lifecycle_note(&fake);
 
     // ---- 5. switch
     ui.heading("5. switch");
@@ -418,6 +441,7 @@ pub(super) fn script(agent_bin: &Path, root: &Path) -> Result<(), String> {
     })
     .ok_or("the host's generation never became the second pushed commit")?;
     ui.say(&format!("generation now {want2}"));
+    lifecycle_note(&fake);
 
     // ---- 7. stop
     ui.heading("7. SIGTERM");
@@ -465,6 +489,18 @@ pub(super) fn script(agent_bin: &Path, root: &Path) -> Result<(), String> {
         count("operation_progress"),
         count("command_rejected"),
     ));
+    let mut per_command: std::collections::BTreeMap<String, usize> = Default::default();
+    for f in frames.iter().filter(|f| f.is_in("status")) {
+        *per_command
+            .entry(f.str_field("command").unwrap_or("").to_owned())
+            .or_default() += 1;
+    }
+    for (command, n) in per_command.iter().filter(|(_, n)| **n > 1) {
+        ui.detail(&ui.bad(&format!(
+            "note           {n} status messages for \"{command}\"; the contract (§7.8) expects \
+             exactly one per command"
+        )));
+    }
     ui.detail("lifecycle      (how the v2 dashboard judged each tracked command)");
     for c in fake.command_history(HOST) {
         ui.detail(&format!(

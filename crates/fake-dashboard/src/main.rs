@@ -1,19 +1,23 @@
 //! `fake-dashboard`: the fake as a process, for shell-driven tests (e.g. inside a container).
 //!
 //! Prints exactly one line, `listening url=<url> control=http://127.0.0.1:<port>`, then one
-//! JSON line per answered agent request (`method`, `path`, `host_id`, `status`, `body`).
-//! The control API (`fake_dashboard::control`) is on its own port. SIGTERM/SIGINT stop it
-//! cleanly with exit code 0. Exit codes: 0 clean stop, 1 runtime failure (e.g. bind), 2 usage.
+//! JSON line per answered agent request (`method`, `path`, `host_id`, `status`, `body`), or
+//! with `--protocol v2` one per WebSocket frame (`conn`, `dir`, `kind`, `type`, `host`,
+//! `len`, `payload`, `close_code`). The control API (`fake_dashboard::control`, or
+//! `fake_dashboard::v2::control`) is on its own port. SIGTERM/SIGINT stop it cleanly with
+//! exit code 0. Exit codes: 0 clean stop, 1 runtime failure (e.g. bind), 2 usage.
 
 use std::io::Write as _;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use fake_dashboard::v2::{FakeV2, Frame, V2Options};
 use fake_dashboard::{FakeDashboard, Options, RecordedRequest};
 use tokio::signal::unix::{SignalKind, signal};
 
-const USAGE: &str = "usage: fake-dashboard [--bind ADDR] [--port N] [--control-port N] [--tls] [--shared-token T] \
-                     [--no-provision] [--no-shared] [--rate-limit]";
+const USAGE: &str = "usage: fake-dashboard [--protocol v1|v2] [--bind ADDR] [--port N] [--control-port N] [--tls] \
+                     [--shared-token T] [v1: --no-provision --no-shared --rate-limit] \
+                     [v2: --lifecycle --ping-interval-ms N --reconnect-window-ms N]";
 
 /// Parsed command line.
 #[derive(Debug, Default)]
@@ -26,6 +30,11 @@ struct Args {
     no_provision: bool,
     no_shared: bool,
     rate_limit: bool,
+    /// `--protocol v2`: serve the WebSocket fake.
+    v2: bool,
+    lifecycle: bool,
+    ping_interval_ms: Option<u64>,
+    reconnect_window_ms: Option<u64>,
 }
 
 fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
@@ -47,11 +56,52 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Option<Args>, Stri
             "--no-provision" => args.no_provision = true,
             "--no-shared" => args.no_shared = true,
             "--rate-limit" => args.rate_limit = true,
+            "--protocol" => {
+                args.v2 = match value("--protocol")?.as_str() {
+                    "v1" => false,
+                    "v2" => true,
+                    other => return Err(format!("--protocol must be v1 or v2, not {other:?}")),
+                }
+            }
+            "--lifecycle" => args.lifecycle = true,
+            "--ping-interval-ms" => {
+                args.ping_interval_ms = Some(parse_ms(
+                    "--ping-interval-ms",
+                    &value("--ping-interval-ms")?,
+                )?)
+            }
+            "--reconnect-window-ms" => {
+                args.reconnect_window_ms = Some(parse_ms(
+                    "--reconnect-window-ms",
+                    &value("--reconnect-window-ms")?,
+                )?)
+            }
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
+    if args.v2 && (args.no_provision || args.no_shared || args.rate_limit) {
+        return Err(
+            "--no-provision, --no-shared and --rate-limit only apply to --protocol v1".into(),
+        );
+    }
+    if !args.v2
+        && (args.lifecycle || args.ping_interval_ms.is_some() || args.reconnect_window_ms.is_some())
+    {
+        return Err(
+            "--lifecycle, --ping-interval-ms and --reconnect-window-ms need --protocol v2".into(),
+        );
+    }
     Ok(Some(args))
+}
+
+fn parse_ms(flag: &str, s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!(
+            "{flag} needs a positive number of milliseconds, not {s:?}"
+        )),
+    }
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -68,7 +118,68 @@ fn log_line(r: &RecordedRequest) {
     let _ = out.flush();
 }
 
+fn log_frame(f: &Frame) {
+    let line = serde_json::json!({
+        "conn": f.conn, "dir": f.dir, "kind": f.kind, "type": f.msg_type, "host": f.host,
+        "len": f.raw_len, "payload": f.payload, "close_code": f.close_code, "ignored": f.ignored,
+    });
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn run_v2(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let defaults = V2Options::default();
+    let opts = V2Options {
+        token: args.shared_token.unwrap_or(defaults.token.clone()),
+        tls: args.tls,
+        bind: args.bind.unwrap_or(defaults.bind),
+        port: args.port,
+        lifecycle: args.lifecycle,
+        ping_interval: args
+            .ping_interval_ms
+            .map_or(defaults.ping_interval, std::time::Duration::from_millis),
+        reconnect_window: args
+            .reconnect_window_ms
+            .map_or(defaults.reconnect_window, std::time::Duration::from_millis),
+        on_frame: Some(Arc::new(log_frame)),
+        ..defaults
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let fake = Arc::new(FakeV2::try_start(opts)?);
+    let result = rt.block_on(async {
+        let control = tokio::net::TcpListener::bind(("127.0.0.1", args.control_port)).await?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        {
+            let mut out = std::io::stdout().lock();
+            writeln!(
+                out,
+                "listening url={} control=http://127.0.0.1:{}",
+                fake.url(),
+                control.local_addr()?.port()
+            )?;
+            out.flush()?;
+        }
+        let stop = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        };
+        fake_dashboard::v2::control::serve(fake.clone(), control, stop).await;
+        Ok::<_, std::io::Error>(())
+    });
+    fake.stop();
+    Ok(result?)
+}
+
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    if args.v2 {
+        return run_v2(args);
+    }
     let defaults = Options::default();
     let opts = Options {
         shared_token: args.shared_token.or(defaults.shared_token),

@@ -12,8 +12,12 @@
 //!    timeout report reaches the dashboard;
 //! 4. the agent's peak RSS while the switch prints 50 MiB.
 //!
+//! With `--protocol v2` the same four measurements run against the fake v2 (WebSocket)
+//! dashboard: a heartbeat is an inbound `heartbeat` message instead of a register request,
+//! commands are pushed over the socket, and the flood row counts the `output` messages.
+//!
 //! Linux only (`/proc`). Usage: `cargo build --release --workspace &&
-//! target/release/nixfleet-bench [--agent PATH] [--heartbeats N] [--starts N]`.
+//! target/release/nixfleet-bench [--protocol v1|v2] [--agent PATH] [--heartbeats N] [--starts N]`.
 
 #![allow(
     clippy::disallowed_methods,
@@ -49,14 +53,17 @@ mod bench {
     use super::common::{self, Agent, HOST, Output, Repos};
     use super::proc_events;
     use super::procfs;
+    use fake_dashboard::v2::{FakeV2, Frame, FrameHook, V2Options};
     use fake_dashboard::{Endpoint, FakeDashboard, Options, RecordedRequest};
 
-    const USAGE: &str = "usage: nixfleet-bench [--agent PATH] [--heartbeats N] [--starts N]
+    const USAGE: &str =
+        "usage: nixfleet-bench [--protocol v1|v2] [--agent PATH] [--heartbeats N] [--starts N]
 
-Measures the nixfleet-agent binary against a loopback fake NixFleet v1 dashboard: start-up
+Measures the nixfleet-agent binary against a loopback fake NixFleet dashboard: start-up
 time, CPU and memory per idle heartbeat, child processes per idle heartbeat, timeout-kill
 precision, and peak memory during a 50 MiB output flood. Linux only.
 
+  --protocol P      v1 (HTTP polling, the default) or v2 (the WebSocket dashboard)
   --agent PATH      the agent binary (default: nixfleet-agent next to this executable)
   --heartbeats N    idle heartbeats to measure, 1 s apart (default 30; the issue's figure is 100)
   --starts N        start-up runs to take the median of (default 5)
@@ -73,6 +80,8 @@ Numbers depend a lot on the build profile; for representative ones:
         agent: Option<PathBuf>,
         heartbeats: u32,
         starts: u32,
+        /// `--protocol v2`.
+        v2: bool,
     }
 
     fn parse_args() -> Result<Option<Args>, String> {
@@ -80,6 +89,7 @@ Numbers depend a lot on the build profile; for representative ones:
             agent: None,
             heartbeats: 30,
             starts: 5,
+            v2: false,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -94,6 +104,13 @@ Numbers depend a lot on the build profile; for representative ones:
                 "--agent" => args.agent = Some(PathBuf::from(value("--agent")?)),
                 "--heartbeats" => args.heartbeats = number("--heartbeats", value("--heartbeats")?)?,
                 "--starts" => args.starts = number("--starts", value("--starts")?)?,
+                "--protocol" => {
+                    args.v2 = match value("--protocol")?.as_str() {
+                        "v1" => false,
+                        "v2" => true,
+                        other => return Err(format!("--protocol must be v1 or v2, not {other:?}")),
+                    }
+                }
                 "-h" | "--help" => return Ok(None),
                 other => return Err(format!("unknown argument {other:?}")),
             }
@@ -155,12 +172,49 @@ Numbers depend a lot on the build profile; for representative ones:
     // -----------------------------------------------------------------------------------------
     // The world
 
-    /// A fake dashboard whose hook samples the agent's CPU the moment each request is answered.
+    /// The fake dashboard of either protocol.
+    enum Fake {
+        V1(FakeDashboard),
+        V2(FakeV2),
+    }
+
+    /// A fake dashboard whose hook samples the agent's CPU the moment each request is answered
+    /// (v1) or each heartbeat or status message is processed (v2, recorded as `Register` and
+    /// `Status` samples, so the measurements below read the same for both).
     struct Dash {
-        dash: FakeDashboard,
+        fake: Fake,
         /// The pid whose CPU the hook samples (0: none).
         pid: Arc<AtomicI32>,
         samples: Arc<Mutex<Vec<Sample>>>,
+        /// v2: what the hook saw, so a 50 MiB flood is counted without being kept.
+        v2_seen: Arc<Mutex<V2Seen>>,
+    }
+
+    /// A v2 `status` message as the hook saw it.
+    struct SeenStatus {
+        seq: u64,
+        at: SystemTime,
+        command: String,
+        message: String,
+        /// `output` messages and bytes between the last `send_switch` and this status.
+        outputs: (usize, usize),
+    }
+
+    /// v2 `output` and `status` messages as the hook saw them.
+    #[derive(Default)]
+    struct V2Seen {
+        /// `output` messages and bytes since the last `send_switch`.
+        outputs: (usize, usize),
+        statuses: Vec<SeenStatus>,
+    }
+
+    /// A final report as the dashboard received it.
+    struct Report {
+        at: SystemTime,
+        /// v1: the status `output`; v2: the status `message`.
+        text: String,
+        /// v2: `output` messages and their bytes between the command and its status.
+        output_messages: Option<(usize, usize)>,
     }
 
     #[derive(Clone, Copy, Debug)]
@@ -172,43 +226,152 @@ Numbers depend a lot on the build profile; for representative ones:
         ticks: Option<u64>,
     }
 
+    fn sample(pid: &AtomicI32, samples: &Mutex<Vec<Sample>>, endpoint: Endpoint, ok: bool) {
+        let at = Instant::now();
+        let p = pid.load(Ordering::SeqCst);
+        let (cpu_ns, ticks) = if p > 0 {
+            (
+                procfs::cpu_clock_ns(p),
+                procfs::stat(p).map(|s| s.utime + s.stime),
+            )
+        } else {
+            (None, None)
+        };
+        samples
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Sample {
+                endpoint,
+                ok,
+                at,
+                cpu_ns,
+                ticks,
+            });
+    }
+
     impl Dash {
-        fn start() -> Result<Dash, String> {
+        fn start(v2: bool) -> Result<Dash, String> {
             let pid = Arc::new(AtomicI32::new(0));
             let samples = Arc::new(Mutex::new(Vec::new()));
-            let hook: fake_dashboard::RequestHook = {
-                let pid = pid.clone();
-                let samples = samples.clone();
-                Arc::new(move |r: &RecordedRequest| {
-                    let at = Instant::now();
-                    let p = pid.load(Ordering::SeqCst);
-                    let (cpu_ns, ticks) = if p > 0 {
-                        (
-                            procfs::cpu_clock_ns(p),
-                            procfs::stat(p).map(|s| s.utime + s.stime),
-                        )
-                    } else {
-                        (None, None)
-                    };
-                    samples
+            let v2_seen = Arc::new(Mutex::new(V2Seen::default()));
+            let fake = if v2 {
+                let hook: FrameHook = {
+                    let pid = pid.clone();
+                    let samples = samples.clone();
+                    let seen = v2_seen.clone();
+                    Arc::new(move |f: &Frame| {
+                        let ok = f.ignored.is_none();
+                        if f.is_in("heartbeat") {
+                            sample(&pid, &samples, Endpoint::Register, ok);
+                        } else if f.is_in("output") {
+                            let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+                            seen.outputs.0 += 1;
+                            seen.outputs.1 += f.raw_len;
+                        } else if f.is_in("status") {
+                            sample(&pid, &samples, Endpoint::Status, ok);
+                            let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+                            let outputs = seen.outputs;
+                            seen.statuses.push(SeenStatus {
+                                seq: f.seq,
+                                at: SystemTime::now(),
+                                command: f.str_field("command").unwrap_or("").to_owned(),
+                                message: f.str_field("message").unwrap_or("").to_owned(),
+                                outputs,
+                            });
+                        }
+                    })
+                };
+                Fake::V2(
+                    FakeV2::try_start(V2Options {
+                        token: common::SHARED_TOKEN.into(),
+                        on_frame: Some(hook),
+                        record_output: false,
+                        ..V2Options::default()
+                    })
+                    .map_err(|e| format!("cannot start the fake v2 dashboard: {e}"))?,
+                )
+            } else {
+                let hook: fake_dashboard::RequestHook = {
+                    let pid = pid.clone();
+                    let samples = samples.clone();
+                    Arc::new(move |r: &RecordedRequest| {
+                        let ok = (200..300).contains(&r.response_status);
+                        sample(&pid, &samples, r.endpoint, ok);
+                    })
+                };
+                Fake::V1(
+                    FakeDashboard::try_start(Options {
+                        shared_token: Some(common::SHARED_TOKEN.into()),
+                        on_request: Some(hook),
+                        ..Options::default()
+                    })
+                    .map_err(|e| format!("cannot start the fake dashboard: {e}"))?,
+                )
+            };
+            Ok(Dash {
+                fake,
+                pid,
+                samples,
+                v2_seen,
+            })
+        }
+
+        fn url(&self) -> String {
+            match &self.fake {
+                Fake::V1(d) => d.url(),
+                Fake::V2(d) => d.url(),
+            }
+        }
+
+        fn protocol(&self) -> &'static str {
+            match &self.fake {
+                Fake::V1(_) => "v1",
+                Fake::V2(_) => "v2",
+            }
+        }
+
+        /// v1: writes the command slot (delivered with the next register reply, so it may be
+        /// called before the agent starts). v2: pushes `switch` once the host is connected
+        /// (within `timeout`).
+        fn send_switch(&self, timeout: Duration) -> Result<(), String> {
+            match &self.fake {
+                Fake::V1(d) => {
+                    d.force_command(HOST, "switch");
+                    Ok(())
+                }
+                Fake::V2(d) => {
+                    self.v2_seen
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
-                        .push(Sample {
-                            endpoint: r.endpoint,
-                            ok: (200..300).contains(&r.response_status),
-                            at,
-                            cpu_ns,
-                            ticks,
-                        });
-                })
-            };
-            let dash = FakeDashboard::try_start(Options {
-                shared_token: Some(common::SHARED_TOKEN.into()),
-                on_request: Some(hook),
-                ..Options::default()
-            })
-            .map_err(|e| format!("cannot start the fake dashboard: {e}"))?;
-            Ok(Dash { dash, pid, samples })
+                        .outputs = (0, 0);
+                    common::wait_until(timeout, || {
+                        d.host(HOST)
+                            .filter(|h| h.heartbeats > 0)
+                            .and_then(|_| d.send_command(HOST, "switch").ok())
+                    })
+                    .ok_or_else(|| "the agent never connected to receive the switch".into())
+                }
+            }
+        }
+
+        /// When the first register (v1 request, v2 message) after `after` arrived.
+        fn first_register_after(&self, after: u64) -> Option<SystemTime> {
+            match &self.fake {
+                Fake::V1(d) => d
+                    .requests()
+                    .into_iter()
+                    .find(|r| {
+                        r.id > after
+                            && r.endpoint == Endpoint::Register
+                            && (200..300).contains(&r.response_status)
+                    })
+                    .map(|r| r.at),
+                Fake::V2(d) => d
+                    .frames()
+                    .into_iter()
+                    .find(|f| f.seq > after && f.is_in("register"))
+                    .map(|f| SystemTime::now() - f.at.elapsed()),
+            }
         }
 
         fn samples(&self) -> Vec<Sample> {
@@ -225,29 +388,45 @@ Numbers depend a lot on the build profile; for representative ones:
                 .collect()
         }
 
-        /// Waits for a 2xx /status whose output contains `needle`, after request `after`.
-        fn wait_status(
-            &self,
-            after: u64,
-            needle: &str,
-            timeout: Duration,
-        ) -> Option<RecordedRequest> {
-            common::wait_until(timeout, || {
-                self.dash.requests().into_iter().find(|r| {
-                    r.id > after
-                        && r.endpoint == Endpoint::Status
-                        && (200..300).contains(&r.response_status)
-                        && r.body
-                            .as_ref()
-                            .and_then(|b| b.get("output"))
-                            .and_then(|o| o.as_str())
-                            .is_some_and(|o| o.contains(needle))
-                })
-            })
+        /// Waits for the final report of a switch after `after`: v1, a 2xx /status whose
+        /// output contains `needle`; v2, the `status` message echoing `switch` (its message is
+        /// the agent's to choose).
+        fn wait_status(&self, after: u64, needle: &str, timeout: Duration) -> Option<Report> {
+            match &self.fake {
+                Fake::V1(d) => common::wait_until(timeout, || {
+                    d.requests().into_iter().find_map(|r| {
+                        let output = r.body.as_ref()?.get("output")?.as_str()?.to_owned();
+                        (r.id > after
+                            && r.endpoint == Endpoint::Status
+                            && (200..300).contains(&r.response_status)
+                            && output.contains(needle))
+                        .then_some(Report {
+                            at: r.at,
+                            text: output,
+                            output_messages: None,
+                        })
+                    })
+                }),
+                Fake::V2(_) => common::wait_until(timeout, || {
+                    let seen = self.v2_seen.lock().unwrap_or_else(PoisonError::into_inner);
+                    let status = seen
+                        .statuses
+                        .iter()
+                        .find(|s| s.seq > after && s.command == "switch")?;
+                    Some(Report {
+                        at: status.at,
+                        text: status.message.clone(),
+                        output_messages: Some(status.outputs),
+                    })
+                }),
+            }
         }
 
         fn last_id(&self) -> u64 {
-            self.dash.requests().last().map_or(0, |r| r.id)
+            match &self.fake {
+                Fake::V1(d) => d.requests().last().map_or(0, |r| r.id),
+                Fake::V2(d) => d.frames().last().map_or(0, |f| f.seq),
+            }
         }
     }
 
@@ -325,7 +504,10 @@ Numbers depend a lot on the build profile; for representative ones:
             .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
         let root = tmp.path();
 
-        println!("nixfleet-bench: the nixfleet-agent binary against a loopback fake v1 dashboard");
+        println!(
+            "nixfleet-bench: the nixfleet-agent binary against a loopback fake {} dashboard",
+            if args.v2 { "v2 (WebSocket)" } else { "v1" }
+        );
         println!(
             "  agent      {} (profile: {profile})",
             common::pretty_path(&agent)
@@ -352,7 +534,7 @@ Numbers depend a lot on the build profile; for representative ones:
             procfs::ticks_per_second()
         );
 
-        let dash = Dash::start()?;
+        let dash = Dash::start(args.v2)?;
         let mut summary = Summary {
             ready: None,
             first_register: None,
@@ -370,7 +552,7 @@ Numbers depend a lot on the build profile; for representative ones:
         idle(&agent, &dash, root, args.heartbeats, &mut summary)?;
         timeout_kill(&agent, &dash, root, &mut summary)?;
         flood(&agent, &dash, root, &mut summary)?;
-        print_summary(&profile, args.heartbeats, &summary);
+        print_summary(&profile, dash.protocol(), args.heartbeats, &summary);
         Ok(())
     }
 
@@ -386,7 +568,7 @@ Numbers depend a lot on the build profile; for representative ones:
         let mut ready = Vec::new();
         let mut register = Vec::new();
         for n in 0..starts {
-            let mut scene = Scene::new(root, &format!("start-{n}"), &dash.dash.url())?;
+            let mut scene = Scene::new(root, &format!("start-{n}"), &dash.url())?;
             let socket_path = scene.dir.join("notify.sock");
             let socket = UnixDatagram::bind(&socket_path)
                 .map_err(|e| format!("bind {}: {e}", socket_path.display()))?;
@@ -409,18 +591,10 @@ Numbers depend a lot on the build profile; for representative ones:
                     }
                 }
             };
-            let first = common::wait_until(Duration::from_secs(10), || {
-                dash.dash.requests().into_iter().find(|r| {
-                    r.id > after
-                        && r.endpoint == Endpoint::Register
-                        && (200..300).contains(&r.response_status)
-                })
-            })
-            .ok_or_else(|| format!("no register within 10 s{}", scene.log_tail()))?;
-            let reg_at = first
-                .at
-                .duration_since(child.spawned_wall)
-                .unwrap_or_default();
+            let first =
+                common::wait_until(Duration::from_secs(10), || dash.first_register_after(after))
+                    .ok_or_else(|| format!("no register within 10 s{}", scene.log_tail()))?;
+            let reg_at = first.duration_since(child.spawned_wall).unwrap_or_default();
             child.stop(Duration::from_secs(5));
             ready.push(ready_at);
             register.push(reg_at);
@@ -455,7 +629,7 @@ Numbers depend a lot on the build profile; for representative ones:
             2,
             &format!("idle heartbeats (NIXFLEET_INTERVAL=1, {beats} heartbeats after 2 warm-up)"),
         );
-        let mut scene = Scene::new(root, "idle", &dash.dash.url())?;
+        let mut scene = Scene::new(root, "idle", &dash.url())?;
         let repos = Repos::create(&scene.dir, &[("flake.nix", "{ outputs = _: { }; }\n")])?;
         scene.set("NIXFLEET_NIXCFG", repos.checkout.display().to_string());
 
@@ -672,7 +846,7 @@ Numbers depend a lot on the build profile; for representative ones:
                  stand-in ignores SIGTERM)"
             ),
         );
-        let mut scene = Scene::new(root, "timeout", &dash.dash.url())?;
+        let mut scene = Scene::new(root, "timeout", &dash.url())?;
         let repos = Repos::create(&scene.dir, &[("flake.nix", "{ outputs = _: { }; }\n")])?;
         scene.set("NIXFLEET_NIXCFG", repos.checkout.display().to_string());
         scene.set("NIXFLEET_SWITCH_TIMEOUT", SWITCH_TIMEOUT_S.to_string());
@@ -693,14 +867,22 @@ Numbers depend a lot on the build profile; for representative ones:
                  wait\n"
             ),
         )?;
-        // Queued before the start: the first register's reply delivers it.
-        dash.dash.force_command(HOST, "switch");
+        // v1: queued before the start, the first register's reply delivers it; v2: pushed
+        // once the agent is connected.
+        let v1 = matches!(dash.fake, Fake::V1(_));
+        if v1 {
+            dash.send_switch(Duration::ZERO)?;
+        }
         let after = dash.last_id();
         let events = proc_events::Listener::open().ok();
         let mut child = scene.spawn(agent)?;
         let recorder = events.as_ref().map(|l| l.record_children_of(child.pid()));
         if let Some(r) = &recorder {
             r.start();
+        }
+        if !v1 {
+            dash.send_switch(Duration::from_secs(10))
+                .map_err(|e| format!("{e}{}", scene.log_tail()))?;
         }
 
         let pids = common::wait_until(Duration::from_secs(10), || {
@@ -762,12 +944,7 @@ Numbers depend a lot on the build profile; for representative ones:
                 (report_wall - gone_wall) * 1e3
             ),
         );
-        let output = report
-            .body
-            .as_ref()
-            .and_then(|b| b.get("output"))
-            .and_then(|o| o.as_str())
-            .unwrap_or("");
+        let output = report.text.as_str();
         row(
             "  report says",
             "",
@@ -800,7 +977,7 @@ Numbers depend a lot on the build profile; for representative ones:
             4,
             "50 MiB output flood (the switch prints 50 MiB, in-process runner)",
         );
-        let mut scene = Scene::new(root, "flood", &dash.dash.url())?;
+        let mut scene = Scene::new(root, "flood", &dash.url())?;
         let repos = Repos::create(&scene.dir, &[("flake.nix", "{ outputs = _: { }; }\n")])?;
         scene.set("NIXFLEET_NIXCFG", repos.checkout.display().to_string());
         scene.set("NIXFLEET_SWITCH_TIMEOUT", "120");
@@ -828,7 +1005,7 @@ Numbers depend a lot on the build profile; for representative ones:
         let baseline = procfs::status(pid).ok_or("cannot read the agent's /proc status")?;
 
         let after = dash.last_id();
-        dash.dash.force_command(HOST, "switch");
+        dash.send_switch(Duration::from_secs(10))?;
         let stop = Arc::new(AtomicBool::new(false));
         let sampler = {
             let stop = stop.clone();
@@ -891,25 +1068,34 @@ Numbers depend a lot on the build profile; for representative ones:
                 mib(end.rss_kib)
             ),
         );
-        let output_len = report
-            .body
-            .as_ref()
-            .and_then(|b| b.get("output"))
-            .and_then(|o| o.as_str())
-            .map_or(0, |o| o.chars().count());
-        row(
-            "  report output sent",
-            &format!("{output_len} chars"),
-            "(the dashboard's limit is 10000; the tail is kept)",
-        );
+        match report.output_messages {
+            None => row(
+                "  report output sent",
+                &format!("{} chars", report.text.chars().count()),
+                "(the dashboard's limit is 10000; the tail is kept)",
+            ),
+            Some((messages, bytes)) => row(
+                "  output messages sent",
+                &messages.to_string(),
+                &format!(
+                    "{} in them ({:.0} MiB printed), then the status",
+                    if bytes as f64 >= MIB {
+                        format!("{:.1} MiB", bytes as f64 / MIB)
+                    } else {
+                        format!("{:.1} KiB", bytes as f64 / 1024.0)
+                    },
+                    FLOOD_BYTES as f64 / MIB
+                ),
+            ),
+        }
         summary.flood_peak_kib = Some(end.hwm_kib.max(peak_sampled));
         summary.flood_growth_kib = Some(end.hwm_kib as i64 - baseline.hwm_kib as i64);
         Ok(())
     }
 
-    fn print_summary(profile: &str, beats: u32, s: &Summary) {
+    fn print_summary(profile: &str, protocol: &str, beats: u32, s: &Summary) {
         println!();
-        println!("Summary ({profile} build; targets from issues #2 and #3)");
+        println!("Summary ({profile} build, protocol {protocol}; targets from issues #2 and #3)");
         let na = || "n/a".to_string();
         let line = |label: &str, value: String, target: &str, ok: Option<bool>| {
             let v = ok.map_or("", verdict);

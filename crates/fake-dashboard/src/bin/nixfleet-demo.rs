@@ -9,7 +9,10 @@
 //! receives is printed as one line (`dash  |`, tokens masked), and so is every line the agent
 //! logs (`agent |`).
 //!
-//! Usage: `cargo build --workspace && target/debug/nixfleet-demo [--agent PATH] [--keep]`.
+//! With `--protocol v2` the same story runs against the fake v2 (WebSocket) dashboard
+//! (`demo_v2`): frames instead of requests, the v2 lifecycle instead of the command log.
+//!
+//! Usage: `cargo build --workspace && target/debug/nixfleet-demo [--protocol v1|v2] [--agent PATH] [--keep]`.
 //! Exit code 0 when every step worked, 1 with a message when one did not (every wait is
 //! bounded), 2 for a usage error.
 
@@ -20,6 +23,7 @@
 )]
 
 mod common;
+mod demo_v2;
 
 use std::io::{BufRead as _, BufReader, IsTerminal as _, Read};
 use std::os::unix::fs::PermissionsExt as _;
@@ -32,11 +36,12 @@ use std::time::{Duration, Instant};
 use common::{Agent, HOST, Output, Repos, SHARED_TOKEN, mask_token, short_sha};
 use fake_dashboard::{Endpoint, FakeDashboard, Options, RecordedRequest};
 
-const USAGE: &str = "usage: nixfleet-demo [--agent PATH] [--keep]
+const USAGE: &str = "usage: nixfleet-demo [--protocol v1|v2] [--agent PATH] [--keep]
 
-Runs the nixfleet-agent binary against a loopback fake NixFleet v1 dashboard and a throwaway
+Runs the nixfleet-agent binary against a loopback fake NixFleet dashboard and a throwaway
 config repository, queues pull, test, switch and pull-switch, and prints what happens.
 
+  --protocol P   v1 (HTTP polling, the default) or v2 (the WebSocket dashboard)
   --agent PATH   the agent binary (default: nixfleet-agent next to this executable)
   --keep         keep the temporary directory (repos, state, logs) and print its path";
 
@@ -424,12 +429,15 @@ fn mode_of(path: &Path) -> String {
 struct Args {
     agent: Option<PathBuf>,
     keep: bool,
+    /// `--protocol v2`.
+    v2: bool,
 }
 
 fn parse_args() -> Result<Option<Args>, String> {
     let mut args = Args {
         agent: None,
         keep: false,
+        v2: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -440,6 +448,13 @@ fn parse_args() -> Result<Option<Args>, String> {
                 ));
             }
             "--keep" => args.keep = true,
+            "--protocol" => {
+                args.v2 = match it.next().as_deref() {
+                    Some("v1") => false,
+                    Some("v2") => true,
+                    other => return Err(format!("--protocol must be v1 or v2, not {other:?}")),
+                };
+            }
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -477,7 +492,11 @@ fn run(args: &Args) -> Result<(), String> {
         .tempdir()
         .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
     let root = tmp.path().to_path_buf();
-    let result = script(&agent_bin, &root);
+    let result = if args.v2 {
+        demo_v2::script(&agent_bin, &root)
+    } else {
+        script(&agent_bin, &root)
+    };
     if args.keep {
         let kept = tmp.keep();
         println!(

@@ -14,6 +14,7 @@
 //! and writer), `impostor` (a scripted second client), `control` (HTTP control API for the
 //! binary).
 
+pub mod control;
 mod decode;
 mod impostor;
 mod server;
@@ -35,7 +36,8 @@ pub use state::{Blocked, CommandStatus, HostState, SendError, TrackedCommand};
 
 use server::Shared;
 
-/// Called with each recorded frame (the binary prints them).
+/// Called with each recorded frame (the binary prints them). It runs with the fake's lock
+/// held, so it must not call back into [`FakeV2`].
 pub type FrameHook = Arc<dyn Fn(&Frame) + Send + Sync>;
 
 /// How the fake is configured. Only `tls`, `bind` and `port` are fixed at start; the rest can
@@ -74,6 +76,9 @@ pub struct V2Options {
     pub dashboard_version: String,
     /// Observer for every recorded frame.
     pub on_frame: Option<FrameHook>,
+    /// Keep `output` messages in the frame log (the hook sees them either way). The benchmark
+    /// turns it off so a 50 MiB flood does not grow the fake.
+    pub record_output: bool,
 }
 
 /// The two lifecycle timers of a tracked command.
@@ -103,7 +108,29 @@ impl Default for V2Options {
             op_timeouts: None,
             dashboard_version: "dev".into(),
             on_frame: None,
+            record_output: true,
         }
+    }
+}
+
+impl V2Options {
+    /// Rejects values the server cannot run with, naming the field.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, d) in [
+            ("ping_interval", self.ping_interval),
+            ("read_deadline", self.read_deadline),
+            ("write_deadline", self.write_deadline),
+        ] {
+            if d.is_zero() {
+                return Err(format!("V2Options::{name} must be longer than zero"));
+            }
+        }
+        if self.max_message == 0 || self.queue_cap == 0 {
+            return Err(
+                "V2Options::max_message and V2Options::queue_cap must be at least 1".into(),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -123,6 +150,7 @@ impl fmt::Debug for V2Options {
             .field("write_deadline", &self.write_deadline)
             .field("op_timeouts", &self.op_timeouts)
             .field("dashboard_version", &self.dashboard_version)
+            .field("record_output", &self.record_output)
             .finish_non_exhaustive()
     }
 }
@@ -181,7 +209,7 @@ pub enum FrameKind {
 /// One entry of the ordered frame log.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Frame {
-    /// Position in the log, from 1.
+    /// Position in the log, from 1 (gaps where `record_output` is off).
     pub seq: u64,
     /// Connection id (see [`FakeV2::connections`]).
     pub conn: u64,
@@ -355,8 +383,10 @@ impl FakeV2 {
         Self::try_start(opts).unwrap_or_else(|e| panic!("fake-dashboard v2: cannot start: {e}"))
     }
 
-    /// Like [`FakeV2::start`] but reports failure.
+    /// Like [`FakeV2::start`] but reports failure, including options that cannot work.
     pub fn try_start(opts: V2Options) -> std::io::Result<FakeV2> {
+        opts.check()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let tls = if opts.tls {
             Some(crate::tls::generate().map_err(std::io::Error::other)?)
         } else {
@@ -647,6 +677,21 @@ mod tests {
         assert_send_sync::<FakeV2>();
         assert_send_sync::<Frame>();
         assert_send_sync::<V2Options>();
+    }
+
+    #[test]
+    fn zero_timers_are_refused_by_name() {
+        let opts = V2Options {
+            ping_interval: Duration::ZERO,
+            ..V2Options::default()
+        };
+        let err = FakeV2::try_start(opts).unwrap_err();
+        assert!(err.to_string().contains("ping_interval"), "{err}");
+        let opts = V2Options {
+            queue_cap: 0,
+            ..V2Options::default()
+        };
+        assert!(opts.check().unwrap_err().contains("queue_cap"));
     }
 
     #[test]

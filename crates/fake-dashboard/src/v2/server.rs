@@ -493,7 +493,8 @@ where
     let opts = {
         let st = shared.lock();
         Timers {
-            ping_interval: st.opts.ping_interval,
+            // `set_options` is not checked: a zero period would panic the interval.
+            ping_interval: st.opts.ping_interval.max(Duration::from_millis(1)),
             read_deadline: st.opts.read_deadline,
             write_deadline: st.opts.write_deadline,
             max_message: st.opts.max_message,

@@ -133,6 +133,7 @@ pub struct HostState {
     /// connection ends.
     pub online: bool,
     /// Last `register` or `heartbeat`.
+    #[serde(serialize_with = "crate::timefmt::serde_naive::required")]
     pub last_seen: SystemTime,
     /// Owned by the lifecycle: the op sent, cleared by `register` and by completion.
     pub pending_command: Option<String>,
@@ -272,8 +273,10 @@ pub struct TrackedCommand {
     /// A successful non-switch result waiting for the next heartbeat's post-check.
     pub awaiting_heartbeat: bool,
     /// When it was sent.
+    #[serde(serialize_with = "crate::timefmt::serde_naive::required")]
     pub started_at: SystemTime,
     /// When it reached a final state.
+    #[serde(serialize_with = "crate::timefmt::serde_naive::optional")]
     pub finished_at: Option<SystemTime>,
     #[serde(skip)]
     warn_at: Instant,
@@ -324,6 +327,7 @@ pub(crate) struct State {
     pub history: HashMap<String, Vec<TrackedCommand>>,
     next_conn: u64,
     next_command: u64,
+    next_seq: u64,
 }
 
 /// A frame about to be logged (the log assigns `seq` and `host`).
@@ -351,6 +355,7 @@ impl State {
             history: HashMap::new(),
             next_conn: 1,
             next_command: 1,
+            next_seq: 1,
         }
     }
 
@@ -503,8 +508,10 @@ impl State {
             FrameKind::Close => String::new(),
             _ => String::from_utf8_lossy(&f.bytes).into_owned(),
         };
+        let seq = self.next_seq;
+        self.next_seq += 1;
         let frame = Frame {
-            seq: self.frames.len() as u64 + 1,
+            seq,
             conn: f.conn,
             dir: f.dir,
             kind: f.kind,
@@ -518,7 +525,10 @@ impl State {
             host,
             at: Instant::now(),
         };
-        if let Some(hook) = &self.opts.on_frame {
+        // An inbound message is shown to the hook once processed (with its host and outcome).
+        let inbound_data =
+            f.dir == Direction::In && matches!(f.kind, FrameKind::Text | FrameKind::Binary);
+        if !inbound_data && let Some(hook) = &self.opts.on_frame {
             hook(&frame);
         }
         self.frames.push(frame);
@@ -530,6 +540,21 @@ impl State {
     /// Processes the inbound data message logged at `idx`; outcomes that make it a no-op are
     /// written back into the log entry's `ignored`.
     pub(crate) fn process(&mut self, conn: u64, idx: usize, now: Instant, wall: SystemTime) {
+        self.apply(conn, idx, now, wall);
+        // A register names the connection: show it on its own log entry too.
+        if self.frames[idx].host.is_none() {
+            self.frames[idx].host = self.conns.get(&conn).and_then(|c| c.info.hostname.clone());
+        }
+        if let Some(hook) = &self.opts.on_frame {
+            hook(&self.frames[idx]);
+        }
+        // Logged and processed under one lock hold, so it is still the last entry.
+        if !self.opts.record_output && self.frames[idx].is_in("output") {
+            self.frames.truncate(idx);
+        }
+    }
+
+    fn apply(&mut self, conn: u64, idx: usize, now: Instant, wall: SystemTime) {
         self.tick(now, wall);
         let frame = &self.frames[idx];
         if frame.ignored.is_some() {
@@ -566,10 +591,6 @@ impl State {
         };
         if let Err(e) = result {
             self.frames[idx].ignored = Some(e);
-        }
-        // A register names the connection: show it on its own log entry too.
-        if self.frames[idx].host.is_none() {
-            self.frames[idx].host = self.conns.get(&conn).and_then(|c| c.info.hostname.clone());
         }
     }
 
@@ -1113,7 +1134,7 @@ mod tests {
             close_code: None,
         });
         st.process(conn, idx, now, SystemTime::now());
-        st.frames[idx].ignored.clone()
+        st.frames.get(idx).and_then(|f| f.ignored.clone())
     }
 
     fn register(host: &str) -> Value {
@@ -1170,6 +1191,42 @@ mod tests {
             Err(SendError::QueueFull)
         );
         drop(a);
+    }
+
+    #[test]
+    fn output_can_be_left_out_of_the_log_but_still_reaches_the_hook() {
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = seen.clone();
+        let mut st = state(|o| {
+            o.record_output = false;
+            o.on_frame = Some(std::sync::Arc::new(move |f: &Frame| {
+                if f.is_in("output") {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }));
+        });
+        let a = connect(&mut st, 4);
+        let now = Instant::now();
+        feed(&mut st, a.id, register("h"), now);
+        let line = json!({"type": "output", "payload": {"line": "x", "stream": "stdout", "command": "", "is_error": false}});
+        feed(&mut st, a.id, line.clone(), now);
+        feed(&mut st, a.id, line, now);
+        feed(
+            &mut st,
+            a.id,
+            json!({"type": "heartbeat", "payload": {}}),
+            now,
+        );
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let seqs: Vec<_> = st
+            .frames
+            .iter()
+            .map(|f| (f.seq, f.msg_type.clone().unwrap()))
+            .collect();
+        assert_eq!(
+            seqs,
+            vec![(1, "register".to_owned()), (4, "heartbeat".to_owned())]
+        );
     }
 
     #[test]

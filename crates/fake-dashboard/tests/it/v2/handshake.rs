@@ -150,4 +150,21 @@ async fn wss_serves_with_the_generated_ca() {
     );
     assert!(fake.host("tls1").unwrap().online);
     assert!(fake.spki_sha256_base64().is_some());
+    // The impostor speaks TLS too and displaces the client.
+    let impostor = fake.impostor("tls1");
+    assert_eq!(impostor.error(), None);
+    assert_eq!(
+        fake.current_connection("tls1").unwrap().id,
+        impostor.conn_id().unwrap()
+    );
+    loop {
+        match ws.next().await {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(c))) => {
+                assert_eq!(c, None, "an empty close frame");
+                break;
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
 }

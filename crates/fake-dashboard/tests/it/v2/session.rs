@@ -454,3 +454,22 @@ async fn a_peer_that_stops_reading_is_dropped_at_the_write_deadline() {
     assert!(!fake.host("web1").unwrap().online);
     drop(ws);
 }
+
+#[tokio::test]
+async fn delayed_registered_arrives_after_the_delay() {
+    let fake = fake(|_| {});
+    fake.set_behaviour(|b| b.delay_registered = Some(Duration::from_millis(300)));
+    let mut ws = dial(&fake, TOKEN).await;
+    let sent = Instant::now();
+    send(&mut ws, register_msg("web1")).await;
+    assert_eq!(next_json(&mut ws).await["type"], "registered");
+    assert!(
+        sent.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert!(
+        fake.host("web1").unwrap().online,
+        "the row is written at once"
+    );
+}

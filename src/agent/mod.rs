@@ -971,7 +971,14 @@ impl<L: Link> Agent<L> {
                         }
                         return;
                     }
+                    // A detached switch's report is the command's result; what came before it
+                    // (pull-switch's pull) is progress.
+                    if let Some(mut earlier) = running.final_status.take() {
+                        earlier.command = None;
+                        self.outbox.push(Report::Status(earlier), None);
+                    }
                     status.dropped_lines = running.tap.as_ref().map_or(0, LineTap::dropped);
+                    record_result(&mut self.checks, status);
                 }
                 let detached = self
                     .running

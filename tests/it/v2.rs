@@ -631,3 +631,27 @@ fn v2_result_is_followed_by_a_heartbeat_with_the_compartments_and_output_keeps_i
     assert_eq!(exit_code(&kill), 1);
     assert!(message(&kill).contains("No command running"), "{kill:?}");
 }
+
+#[test]
+fn v2_pull_switch_with_a_detached_switch_sends_one_result() {
+    let (mut h, dash, _repos) = v2_with_repo();
+    h.set("NIXFLEET_SWITCH_ISOLATION", "session");
+    h.stand_in("nixos-rebuild", "echo activated");
+    let agent = h.spawn();
+    assert!(registered(&dash));
+    dash.send_command(HOST, "pull-switch").unwrap();
+    let result = wait_result(&dash, "pull-switch");
+    assert!(message(&result).contains("activated"), "{result:?}\n{}", agent.log());
+    std::thread::sleep(Duration::from_secs(2));
+    let n = statuses(&dash)
+        .iter()
+        .filter(|f| f.str_field("command") == Some("pull-switch"))
+        .count();
+    assert_eq!(n, 1, "{:#?}", statuses(&dash));
+    // The pull's own line went out as output instead.
+    assert!(
+        dash.messages("output")
+            .iter()
+            .any(|f| f.str_field("line").is_some_and(|l| l.contains("Pull")))
+    );
+}

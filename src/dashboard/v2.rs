@@ -511,7 +511,7 @@ impl SocketTask {
                 },
                 frame = socket.next() => match self.inbound(frame, &mut socket).await {
                     Inbound::Registered => break,
-                    Inbound::Nothing => {}
+                    Inbound::Nothing | Inbound::Pong(_) => {}
                     Inbound::End(end) => return end,
                 }
             }
@@ -525,6 +525,11 @@ impl SocketTask {
         let mut last_sent = Instant::now();
         let mut pong_due: Option<Instant> = None;
         let mut register_again: Option<Instant> = None;
+        // A result counts as delivered only when the Pong to a Ping sent right after it came
+        // back: the dashboard reads a connection's frames in order, so the result was read.
+        // A frame written into a connection that then dies is sent again, never lost.
+        let mut ack: Option<(u64, oneshot::Sender<Result<(), DashboardError>>)> = None;
+        let mut ping_seq: u64 = 0;
         loop {
             let keepalive_at = last_sent + KEEPALIVE;
             tokio::select! {
@@ -549,12 +554,22 @@ impl SocketTask {
                             Ok(Err(e)) => Err(ws_error(e)),
                             Ok(Ok(())) => Ok(()),
                         };
-                        let failed = result.clone().err();
-                        let _ = done.send(result);
-                        if let Some(error) = failed {
+                        if let Err(error) = result {
+                            let _ = done.send(Err(error.clone()));
                             return End::Failed(error);
                         }
                         last_sent = Instant::now();
+                        if let Sent::Status { .. } = kind {
+                            ping_seq += 1;
+                            let ping = Message::Ping(ping_seq.to_be_bytes().to_vec().into());
+                            if let Err(e) = socket.send(ping).await {
+                                return End::Failed(ws_error(e));
+                            }
+                            pong_due = Some(last_sent + self.dialer.pong_timeout);
+                            ack = Some((ping_seq, done));
+                        } else {
+                            let _ = done.send(Ok(()));
+                        }
                         match kind {
                             Sent::Heartbeat if pong_due.is_none() => {
                                 // Ping with each heartbeat: a dead peer shows within the pong
@@ -576,9 +591,20 @@ impl SocketTask {
                     }
                 },
                 frame = socket.next() => {
-                    pong_due = None;
+                    // Any frame proves the peer alive, unless a result waits for its own Pong.
+                    if ack.is_none() {
+                        pong_due = None;
+                    }
                     match self.inbound(frame, &mut socket).await {
                         Inbound::Registered | Inbound::Nothing => {}
+                        Inbound::Pong(payload) => {
+                            if ack.as_ref().is_some_and(|(seq, _)| payload == seq.to_be_bytes()) {
+                                if let Some((_, done)) = ack.take() {
+                                    let _ = done.send(Ok(()));
+                                }
+                                pong_due = None;
+                            }
+                        }
                         Inbound::End(End::Replaced { .. }) => {
                             let soon = registered_at.elapsed() < DISPLACED_WITHIN;
                             if !soon { *displaced = 0; }
@@ -639,7 +665,8 @@ impl SocketTask {
                 }
                 return Inbound::Nothing;
             }
-            Message::Pong(_) | Message::Frame(_) => return Inbound::Nothing,
+            Message::Pong(payload) => return Inbound::Pong(payload.to_vec()),
+            Message::Frame(_) => return Inbound::Nothing,
             Message::Close(frame) => {
                 return Inbound::End(match frame {
                     // An empty close frame is how the dashboard drops a connection replaced by
@@ -704,6 +731,7 @@ impl SocketTask {
 enum Inbound {
     Registered,
     Nothing,
+    Pong(Vec<u8>),
     End(End),
 }
 

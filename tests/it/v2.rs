@@ -641,7 +641,11 @@ fn v2_pull_switch_with_a_detached_switch_sends_one_result() {
     assert!(registered(&dash));
     dash.send_command(HOST, "pull-switch").unwrap();
     let result = wait_result(&dash, "pull-switch");
-    assert!(message(&result).contains("activated"), "{result:?}\n{}", agent.log());
+    assert!(
+        message(&result).contains("activated"),
+        "{result:?}\n{}",
+        agent.log()
+    );
     std::thread::sleep(Duration::from_secs(2));
     let n = statuses(&dash)
         .iter()

@@ -10,7 +10,9 @@
 //! 3. timeout-kill precision: a stand-in `nixos-rebuild` that ignores SIGTERM, switch timeout
 //!    2 s, kill grace 1 s: how long after (timeout + grace) its tree is gone, and when the
 //!    timeout report reaches the dashboard;
-//! 4. the agent's peak RSS while the switch prints 50 MiB.
+//! 4. the agent's peak RSS while the switch prints 50 MiB;
+//! 5. the idle cost at the default 30 s interval: wake-ups per second (voluntary context
+//!    switches of all threads) and CPU per hour.
 //!
 //! With `--protocol v2` the same four measurements run against the fake v2 (WebSocket)
 //! dashboard: a heartbeat is an inbound `heartbeat` message instead of a register request,
@@ -57,7 +59,7 @@ mod bench {
     use fake_dashboard::{Endpoint, FakeDashboard, Options, RecordedRequest};
 
     const USAGE: &str =
-        "usage: nixfleet-bench [--protocol v1|v2] [--agent PATH] [--heartbeats N] [--starts N]
+        "usage: nixfleet-bench [--protocol v1|v2] [--agent PATH] [--heartbeats N] [--starts N] [--idle-window S]
 
 Measures the nixfleet-agent binary against a loopback fake NixFleet dashboard: start-up
 time, CPU and memory per idle heartbeat, child processes per idle heartbeat, timeout-kill
@@ -65,8 +67,10 @@ precision, and peak memory during a 50 MiB output flood. Linux only.
 
   --protocol P      v1 (HTTP polling, the default) or v2 (the WebSocket dashboard)
   --agent PATH      the agent binary (default: nixfleet-agent next to this executable)
-  --heartbeats N    idle heartbeats to measure, 1 s apart (default 30; the issue's figure is 100)
+  --heartbeats N    idle heartbeats to measure, 2 s apart (default 30; the issue's figure is 100)
   --starts N        start-up runs to take the median of (default 5)
+  --idle-window S   seconds of idle at the default 30 s interval for wake-ups and CPU per hour
+                    (default 120)
 
 Numbers depend a lot on the build profile; for representative ones:
   cargo build --release --workspace && target/release/nixfleet-bench";
@@ -80,6 +84,8 @@ Numbers depend a lot on the build profile; for representative ones:
         agent: Option<PathBuf>,
         heartbeats: u32,
         starts: u32,
+        /// Seconds of the idle measurement at the default interval.
+        idle_window: u64,
         /// `--protocol v2`.
         v2: bool,
     }
@@ -89,6 +95,7 @@ Numbers depend a lot on the build profile; for representative ones:
             agent: None,
             heartbeats: 30,
             starts: 5,
+            idle_window: 120,
             v2: false,
         };
         let mut it = std::env::args().skip(1);
@@ -104,6 +111,9 @@ Numbers depend a lot on the build profile; for representative ones:
                 "--agent" => args.agent = Some(PathBuf::from(value("--agent")?)),
                 "--heartbeats" => args.heartbeats = number("--heartbeats", value("--heartbeats")?)?,
                 "--starts" => args.starts = number("--starts", value("--starts")?)?,
+                "--idle-window" => {
+                    args.idle_window = u64::from(number("--idle-window", value("--idle-window")?)?)
+                }
                 "--protocol" => {
                     args.v2 = match value("--protocol")?.as_str() {
                         "v1" => false,
@@ -493,6 +503,8 @@ Numbers depend a lot on the build profile; for representative ones:
         kill_report_after_start: Option<f64>,
         flood_peak_kib: Option<u64>,
         flood_growth_kib: Option<i64>,
+        wakeups_per_s: Option<f64>,
+        cpu_s_per_hour: Option<f64>,
     }
 
     fn run(args: &Args) -> Result<(), String> {
@@ -547,11 +559,14 @@ Numbers depend a lot on the build profile; for representative ones:
             kill_report_after_start: None,
             flood_peak_kib: None,
             flood_growth_kib: None,
+            wakeups_per_s: None,
+            cpu_s_per_hour: None,
         };
         startup(&agent, &dash, root, args.starts, &mut summary)?;
         idle(&agent, &dash, root, args.heartbeats, &mut summary)?;
         timeout_kill(&agent, &dash, root, &mut summary)?;
         flood(&agent, &dash, root, &mut summary)?;
+        idle_default(&agent, &dash, root, args.idle_window, &mut summary)?;
         print_summary(&profile, dash.protocol(), args.heartbeats, &summary);
         Ok(())
     }
@@ -627,9 +642,10 @@ Numbers depend a lot on the build profile; for representative ones:
     ) -> Result<(), String> {
         section(
             2,
-            &format!("idle heartbeats (NIXFLEET_INTERVAL=1, {beats} heartbeats after 2 warm-up)"),
+            &format!("idle heartbeats (NIXFLEET_INTERVAL=2, {beats} heartbeats after 2 warm-up)"),
         );
         let mut scene = Scene::new(root, "idle", &dash.url())?;
+        scene.set("NIXFLEET_INTERVAL", "2");
         let repos = Repos::create(&scene.dir, &[("flake.nix", "{ outputs = _: { }; }\n")])?;
         scene.set("NIXFLEET_NIXCFG", repos.checkout.display().to_string());
 
@@ -646,7 +662,7 @@ Numbers depend a lot on the build profile; for representative ones:
 
         // Warm-up: the first register gets the per-host token, the second uses it.
         let warm = before_registers + 2;
-        let budget = Duration::from_secs(u64::from(beats) * 2 + 20);
+        let budget = Duration::from_secs(u64::from(beats) * 3 + 20);
         common::wait_until(Duration::from_secs(15), || {
             (dash.ok_registers().len() >= warm).then_some(())
         })
@@ -1093,6 +1109,63 @@ Numbers depend a lot on the build profile; for representative ones:
         Ok(())
     }
 
+    /// [5] The idle cost at the default interval (30 s): wake-ups (voluntary context switches
+    /// of all the agent's threads: each is a sleep that ended) and CPU per hour, over `window`
+    /// seconds after a 5 s warm-up.
+    fn idle_default(
+        agent: &Path,
+        dash: &Dash,
+        root: &Path,
+        window: u64,
+        summary: &mut Summary,
+    ) -> Result<(), String> {
+        section(
+            5,
+            &format!("idle at the default interval (NIXFLEET_INTERVAL=30, {window} s)"),
+        );
+        let mut scene = Scene::new(root, "idle-default", &dash.url())?;
+        scene.set("NIXFLEET_INTERVAL", "30");
+        let mut child = scene.spawn(agent)?;
+        let pid = child.pid();
+        std::thread::sleep(Duration::from_secs(5));
+        let beats_before = dash.ok_registers().len();
+        let (w0, c0) = (
+            procfs::voluntary_switches(pid).ok_or("cannot read the agent's threads")?,
+            procfs::cpu_clock_ns(pid).ok_or("cannot read the agent's CPU clock")?,
+        );
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_secs(window));
+        let (w1, c1) = (
+            procfs::voluntary_switches(pid).ok_or("the agent is gone")?,
+            procfs::cpu_clock_ns(pid).ok_or("the agent is gone")?,
+        );
+        let secs = t0.elapsed().as_secs_f64();
+        let beats = dash.ok_registers().len().saturating_sub(beats_before);
+        child.stop(Duration::from_secs(5));
+        let wakeups = (w1.saturating_sub(w0)) as f64 / secs;
+        let cpu_hour = (c1.saturating_sub(c0)) as f64 / 1e9 / secs * 3600.0;
+        row(
+            "wake-ups per second (all threads)",
+            &format!("{wakeups:.3}"),
+            &format!(
+                "{} voluntary context switches in {secs:.0} s, {beats} heartbeats; one per {:.1} s",
+                w1.saturating_sub(w0),
+                1.0 / wakeups.max(1e-9)
+            ),
+        );
+        row(
+            "CPU per hour",
+            &format!("{cpu_hour:.3} s"),
+            &format!(
+                "process CPU clock: {:.2} ms in {secs:.0} s",
+                (c1.saturating_sub(c0)) as f64 / 1e6
+            ),
+        );
+        summary.wakeups_per_s = Some(wakeups);
+        summary.cpu_s_per_hour = Some(cpu_hour);
+        Ok(())
+    }
+
     fn print_summary(profile: &str, protocol: &str, beats: u32, s: &Summary) {
         println!();
         println!("Summary ({profile} build, protocol {protocol}; targets from issues #2 and #3)");
@@ -1113,6 +1186,18 @@ Numbers depend a lot on the build profile; for representative ones:
             s.cpu_per_beat.map_or_else(na, |v| format!("{v:.3} ms")),
             "< 2 ms",
             s.cpu_per_beat.map(|v| v < 2.0),
+        );
+        line(
+            "idle wake-ups per second (interval 30 s)",
+            s.wakeups_per_s.map_or_else(na, |v| format!("{v:.3}")),
+            "<= 0.2 (one per 5 s)",
+            s.wakeups_per_s.map(|v| v <= 0.2),
+        );
+        line(
+            "idle CPU per hour (interval 30 s)",
+            s.cpu_s_per_hour.map_or_else(na, |v| format!("{v:.3} s")),
+            "<= 0.15 s",
+            s.cpu_s_per_hour.map(|v| v <= 0.15),
         );
         line(
             &format!("RSS after {} heartbeats (VmRSS)", beats + 2),
@@ -1272,6 +1357,23 @@ mod procfs {
     }
 
     /// The CPU time of the whole process `pid` (all threads, live and exited) in ns.
+    /// Voluntary context switches of every thread of `pid`: each one is a sleep that ended,
+    /// i.e. a wake-up.
+    pub fn voluntary_switches(pid: i32) -> Option<u64> {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+        let mut total = 0;
+        for task in tasks.flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+            total += status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
+                .trim()
+                .parse::<u64>()
+                .ok()?;
+        }
+        Some(total)
+    }
+
     pub fn cpu_clock_ns(pid: i32) -> Option<u64> {
         let mut clock: libc::clockid_t = 0;
         // SAFETY: out-pointer to a local.

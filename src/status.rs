@@ -24,6 +24,9 @@ use crate::config::{Settings, human_duration};
 pub const STATUS_FILE: &str = "status.json";
 const VERSION: u32 = 1;
 
+/// How stale the recorded last heartbeat may get while nothing else changes.
+pub const HEARTBEAT_REFRESH: Duration = Duration::from_secs(60);
+
 /// Healthy, degraded or stuck/not running: `status`'s exit code.
 pub const HEALTHY: u8 = 0;
 pub const DEGRADED: u8 = 1;
@@ -93,6 +96,19 @@ impl Publisher {
     pub fn publish(&mut self, record: &StatusRecord) {
         if self.last.as_ref() == Some(record) {
             return;
+        }
+        // A heartbeat alone refreshes the file at most once a minute: its time is all that
+        // changed, and a write per heartbeat would be most of an idle heartbeat's cost.
+        if let Some(last) = &self.last {
+            let mut same_but_beat = record.clone();
+            same_but_beat.last_heartbeat_unix = last.last_heartbeat_unix;
+            let beat_moved = record
+                .last_heartbeat_unix
+                .unwrap_or(0)
+                .saturating_sub(last.last_heartbeat_unix.unwrap_or(0));
+            if same_but_beat == *last && beat_moved < HEARTBEAT_REFRESH.as_secs() {
+                return;
+            }
         }
         // Once per distinct content, written or not: the next change tries again.
         self.last = Some(record.clone());

@@ -17,6 +17,7 @@
 //! their row; with [`Correlation::ByName`] (v2) a busy agent refuses them and each command gets
 //! exactly one final status naming it.
 
+mod alarm;
 pub mod backoff;
 mod observe;
 pub mod outbox;
@@ -232,6 +233,8 @@ pub struct Agent<L: Link> {
     reboot_after_stop: bool,
     /// When the loop last beat; it wakes at least every [`Agent::beat_period`].
     last_beat: Instant,
+    /// What the loop sleeps on between events (one wake-up per deadline).
+    alarm: alarm::Alarm,
     runner: Runner,
     creds: Credentials,
     os: OsFacts,
@@ -467,6 +470,7 @@ impl<L: Link> Agent<L> {
             rejections: VecDeque::new(),
             reboot_after_stop: false,
             last_beat: Instant::now(),
+            alarm: alarm::Alarm::new(),
             runner: startup.runner,
             creds: startup.credentials,
             os,
@@ -642,7 +646,7 @@ impl<L: Link> Agent<L> {
                     if self.link_events.is_some() => self.on_link_event(event),
                 Some(event) = self.events_rx.recv() => self.on_exec_event(event),
                 Some(line) = self.output_rx.recv(), if streaming => self.send_output_line(line),
-                () = tokio::time::sleep_until(wake.into()) => {}
+                () = self.alarm.sleep_until(wake) => {}
             }
         }
     }
@@ -767,7 +771,9 @@ impl<L: Link> Agent<L> {
         if let Some((_, due)) = &self.outage_note {
             wake = wake.min(*due);
         }
-        wake = wake.min(self.observe_deadline());
+        // Looking for changes made by others waits for the next heartbeat's wake-up (still
+        // within one interval) rather than costing a wake-up of its own.
+        wake = wake.min(self.observe_deadline().max(self.next_heartbeat));
         if let Some(stopping) = &self.stopping {
             if self.running.is_some() {
                 wake = wake.min(stopping.cancel_at);

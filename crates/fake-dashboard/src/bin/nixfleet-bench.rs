@@ -166,7 +166,7 @@ Numbers depend a lot on the build profile; for representative ones:
 
     fn section(n: usize, title: &str) {
         println!();
-        println!("[{n}/4] {title}");
+        println!("[{n}/5] {title}");
         let _ = std::io::stdout().flush();
     }
 

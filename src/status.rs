@@ -106,7 +106,10 @@ impl Publisher {
                 .last_heartbeat_unix
                 .unwrap_or(0)
                 .saturating_sub(last.last_heartbeat_unix.unwrap_or(0));
-            if same_but_beat == *last && beat_moved < HEARTBEAT_REFRESH.as_secs() {
+            if same_but_beat == *last
+                && last.last_heartbeat_unix.is_some()
+                && beat_moved < HEARTBEAT_REFRESH.as_secs()
+            {
                 return;
             }
         }

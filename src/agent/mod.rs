@@ -768,14 +768,23 @@ impl<L: Link> Agent<L> {
         if let Some(due) = self.notifier.next_watchdog_due() {
             wake = wake.min(due);
         }
-        if let Some((_, due)) = &self.outage_note {
+        // The note waits for its moment; once that passed, only for the loop to be idle (v1),
+        // which an event brings: never a deadline in the past.
+        if let Some((_, due)) = &self.outage_note
+            && *due > now
+        {
             wake = wake.min(*due);
         }
         // Looking for changes made by others waits for the next heartbeat's wake-up (still
         // within one interval) rather than costing a wake-up of its own.
         wake = wake.min(self.observe_deadline().max(self.next_heartbeat));
         if let Some(stopping) = &self.stopping {
-            if self.running.is_some() {
+            // Until the running command is told to stop; then its end is an event.
+            if self
+                .running
+                .as_ref()
+                .is_some_and(|r| !r.cancel.is_cancelled())
+            {
                 wake = wake.min(stopping.cancel_at);
             }
             if let Some(until) = stopping.flush_until {

@@ -206,7 +206,15 @@ impl<L: Link> Agent<L> {
     /// The next instant [`Agent::observe_tick`] has work to do on its own (the next look at
     /// the watched files): a loop that sleeps until its next deadline must wake by then.
     pub(super) fn observe_deadline(&self) -> Instant {
-        self.observer.next_watch
+        let now = Instant::now();
+        match (&self.observer.pending_restart, &self.observer.reload_check) {
+            (None, _) => self.observer.next_watch,
+            // `systemctl show` runs on its own task; look for its answer soon.
+            (Some(_), Some(_)) => now + Duration::from_millis(100),
+            // Waiting to be idle: a command's end wakes the loop anyway.
+            (Some(_), None) if !self.idle() => now + self.settings.interval,
+            (Some(_), None) => self.observer.next_watch.max(now),
+        }
     }
 
     /// After a switch (new facts): is a reboot needed now?

@@ -51,7 +51,9 @@ impl Alarm {
         };
         let left = at.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return;
+            // Due already: still give the other tasks a turn (tokio's own sleep does, through
+            // its budget), so a loop whose deadline passed cannot starve them.
+            return tokio::task::yield_now().await;
         }
         let armed = timer.get_ref().0.set(
             Expiration::OneShot(TimeSpec::from_duration(left)),

@@ -242,16 +242,19 @@ fn age_file(path: &Path, ago: Duration) {
         .unwrap();
 }
 
-/// A helper process (sleep, flock) killed and reaped on drop.
+/// A helper process (sleep, flock) in its own process group, killed with that whole group
+/// and reaped on drop: `flock ... sleep 1000` forks the sleep, which must not outlive the test.
 #[cfg(target_os = "linux")]
 struct Helper(Child);
 
 #[cfg(target_os = "linux")]
 impl Helper {
     fn spawn(program: &str, args: &[&str]) -> Helper {
+        use std::os::unix::process::CommandExt as _;
         Helper(
             Command::new(program)
                 .args(args)
+                .process_group(0)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -268,6 +271,10 @@ impl Helper {
 #[cfg(target_os = "linux")]
 impl Drop for Helper {
     fn drop(&mut self) {
+        // SAFETY: kill(2) on the helper's own process group (it leads it: process_group(0)).
+        unsafe {
+            libc::kill(-(self.0.id() as i32), libc::SIGKILL);
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

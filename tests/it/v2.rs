@@ -409,16 +409,34 @@ fn v2_successful_switch_registers_again_so_the_dashboard_completes_it() {
 #[test]
 fn v2_command_interrupted_by_kill_9_is_reported_by_name_after_restart() {
     let (h, dash, _repos) = v2_with_repo();
-    h.stand_in("nixos-rebuild", "sleep 1000");
+    let group = h.tmp.path().join("group");
+    h.stand_in(
+        "nixos-rebuild",
+        &format!("echo $$ > '{}'\nexec sleep 1000", group.display()),
+    );
     let mut agent = h.spawn();
     assert!(registered(&dash));
     dash.send_command(HOST, "switch").unwrap();
-    assert!(wait_until(T, || !h.calls("nixos-rebuild").is_empty()));
+    assert!(wait_until(T, || group.exists()));
     agent.kill9();
+    // kill -9 leaves the in-process switch's group orphaned: the test ends it itself.
+    let _cleanup = KillGroupOnDrop(fs::read_to_string(&group).unwrap().trim().parse().unwrap());
     let _agent = h.spawn();
     let switch = wait_result(&dash, "switch");
     assert_eq!(exit_code(&switch), 1);
     assert!(message(&switch).contains("interrupted"), "{switch:?}");
+}
+
+/// SIGKILL to a process group when the test ends, whatever happened.
+struct KillGroupOnDrop(i32);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the stand-in's process group (the runner made it a group leader).
+        unsafe {
+            libc::kill(-self.0, libc::SIGKILL);
+        }
+    }
 }
 
 #[test]

@@ -24,9 +24,32 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug)]
 pub struct V1Client {
     http: reqwest::Client,
-    /// `<base>/api/hosts/<host>` without a trailing slash.
-    host_base: String,
+    /// The three endpoints, parsed once: a heartbeat must not re-parse its URL.
+    endpoints: std::sync::Arc<Endpoints>,
     timeout_secs: u64,
+}
+
+/// `<base>/api/hosts/<host>/{register,status,test-progress}`.
+#[derive(Debug)]
+struct Endpoints {
+    register: reqwest::Url,
+    status: reqwest::Url,
+    test_progress: reqwest::Url,
+}
+
+impl Endpoints {
+    fn new(base: &str, hostname: &str) -> anyhow::Result<Self> {
+        let base = base.trim_end_matches('/');
+        let url = |endpoint: &str| {
+            reqwest::Url::parse(&format!("{base}/api/hosts/{hostname}/{endpoint}"))
+                .map_err(|e| anyhow::anyhow!("NIXFLEET_URL: not a usable URL for {endpoint}: {e}"))
+        };
+        Ok(Endpoints {
+            register: url("register")?,
+            status: url("status")?,
+            test_progress: url("test-progress")?,
+        })
+    }
 }
 
 /// Reply of register and poll. Unknown fields are ignored on purpose.
@@ -65,10 +88,12 @@ impl V1Client {
             .pool_max_idle_per_host(1)
             .build()
             .map_err(|e| anyhow::anyhow!("failed to build the HTTP client: {e}"))?;
-        let base = settings.url.as_str().trim_end_matches('/');
         Ok(V1Client {
             http,
-            host_base: format!("{base}/api/hosts/{}", settings.host.hostname),
+            endpoints: std::sync::Arc::new(Endpoints::new(
+                settings.url.as_str(),
+                &settings.host.hostname,
+            )?),
             timeout_secs: settings.http_timeout.as_secs().max(1),
         })
     }
@@ -78,15 +103,14 @@ impl V1Client {
     /// dashboard has processed the report, and sending it again would be a duplicate.
     async fn post_json<T: serde::Serialize + ?Sized>(
         &self,
-        endpoint: &str,
+        url: &reqwest::Url,
         token: &str,
         body: &T,
         reply_optional: bool,
     ) -> Result<Vec<u8>, DashboardError> {
-        let url = format!("{}/{endpoint}", self.host_base);
         let response = self
             .http
-            .post(&url)
+            .post(url.clone())
             .bearer_auth(token)
             .json(body)
             .send()
@@ -126,7 +150,9 @@ impl<'a> From<&'a StatusReport> for StatusWire<'a> {
 
 impl V1Client {
     async fn heartbeat(&self, token: &str, beat: &Heartbeat) -> Result<Reply, DashboardError> {
-        let body = self.post_json("register", token, beat, false).await?;
+        let body = self
+            .post_json(&self.endpoints.register, token, beat, false)
+            .await?;
         let wire: RegisterReplyWire = serde_json::from_slice(&body)
             .map_err(|e| DashboardError::BadReply(format!("invalid JSON: {e}")))?;
         Ok(Reply {
@@ -138,11 +164,16 @@ impl V1Client {
     async fn report(&self, token: &str, report: &Report) -> Result<Reply, DashboardError> {
         let body = match report {
             Report::Status(status) => {
-                self.post_json("status", token, &StatusWire::from(status), true)
-                    .await?
+                self.post_json(
+                    &self.endpoints.status,
+                    token,
+                    &StatusWire::from(status),
+                    true,
+                )
+                .await?
             }
             Report::TestProgress(progress) => {
-                self.post_json("test-progress", token, progress, true)
+                self.post_json(&self.endpoints.test_progress, token, progress, true)
                     .await?
             }
         };

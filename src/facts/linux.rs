@@ -35,21 +35,74 @@ pub(super) async fn os_facts(runner: &Runner, cancel: &CancellationToken) -> OsF
     }
 }
 
+/// One `/proc` file kept open and read again from offset 0 with `pread`: a sample costs one
+/// read per file instead of an open, a size probe, two reads and a close.
+#[derive(Debug)]
+struct ProcFile {
+    file: Option<std::fs::File>,
+    path: &'static str,
+    buf: Vec<u8>,
+}
+
+/// The fields the sampler needs are all in a file's first lines.
+const PROC_HEAD_BYTES: usize = 4096;
+
+impl ProcFile {
+    fn open(path: &'static str) -> Self {
+        ProcFile {
+            file: std::fs::File::open(path).ok(),
+            path,
+            buf: vec![0; PROC_HEAD_BYTES],
+        }
+    }
+
+    /// The file's first [`PROC_HEAD_BYTES`] as text, or `None` when it cannot be read.
+    fn head(&mut self) -> Option<&str> {
+        use std::os::unix::fs::FileExt as _;
+        if self.file.is_none() {
+            // Opened lazily again if it was missing at start (a /proc mounted late).
+            self.file = std::fs::File::open(self.path).ok();
+        }
+        let len = match self.file.as_ref()?.read_at(&mut self.buf, 0) {
+            Ok(len) => len,
+            Err(_) => {
+                self.file = None;
+                return None;
+            }
+        };
+        std::str::from_utf8(&self.buf[..len]).ok()
+    }
+}
+
 /// CPU counters from the previous sample, for the busy share in between.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Sampler {
     last: Option<(u64, u64)>,
+    stat: ProcFile,
+    meminfo: ProcFile,
+    loadavg: ProcFile,
+}
+
+impl Default for Sampler {
+    fn default() -> Self {
+        Sampler::new()
+    }
 }
 
 impl Sampler {
     pub(super) fn new() -> Self {
+        let mut stat = ProcFile::open("/proc/stat");
         Sampler {
-            last: cpu_counters(),
+            last: stat.head().and_then(cpu_counters),
+            stat,
+            meminfo: ProcFile::open("/proc/meminfo"),
+            loadavg: ProcFile::open("/proc/loadavg"),
         }
     }
 
     pub(super) fn sample(&mut self) -> Option<Metrics> {
-        let cpu = match (self.last, cpu_counters()) {
+        let counters = self.stat.head().and_then(cpu_counters);
+        let cpu = match (self.last, counters) {
             (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
                 self.last = Some((busy1, total1));
                 (busy1.saturating_sub(busy0)) as f64 * 100.0 / (total1 - total0) as f64
@@ -59,7 +112,7 @@ impl Sampler {
                 0.0
             }
         };
-        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let meminfo = self.meminfo.head()?;
         let kib = |name: &str| -> Option<f64> {
             meminfo.lines().find_map(|l| {
                 let rest = l.strip_prefix(name)?.strip_prefix(':')?;
@@ -70,12 +123,12 @@ impl Sampler {
         let available = kib("MemAvailable")?;
         let swap_total = kib("SwapTotal").unwrap_or(0.0);
         let swap_free = kib("SwapFree").unwrap_or(0.0);
-        let load = std::fs::read_to_string("/proc/loadavg").ok()?;
+        let load = self.loadavg.head()?.split_whitespace().next()?.to_string();
         Some(Metrics {
             cpu: round1(cpu),
             ram: round1(percent(total - available, total)),
             swap: round1(percent(swap_total - swap_free, swap_total)),
-            load: load.split_whitespace().next()?.to_string(),
+            load,
         })
     }
 }
@@ -93,19 +146,20 @@ fn round1(x: f64) -> f64 {
 }
 
 /// (busy, total) jiffies from the aggregate `cpu` line of /proc/stat.
-fn cpu_counters() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+fn cpu_counters(stat: &str) -> Option<(u64, u64)> {
     let line = stat.lines().next()?.strip_prefix("cpu ")?;
-    let fields: Vec<u64> = line
-        .split_whitespace()
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    if fields.len() < 4 {
+    let mut fields = [0u64; 8];
+    let mut count = 0;
+    for (slot, field) in fields.iter_mut().zip(line.split_whitespace()) {
+        *slot = field.parse().ok()?;
+        count += 1;
+    }
+    if count < 4 {
         return None;
     }
     // user nice system idle iowait irq softirq steal (guest is already in user).
-    let total: u64 = fields.iter().take(8).sum();
-    let idle = fields[3] + fields.get(4).copied().unwrap_or(0);
+    let total: u64 = fields.iter().sum();
+    let idle = fields[3] + fields[4];
     Some((total - idle, total))
 }
 
@@ -114,4 +168,40 @@ pub(super) fn boot_id() -> Option<String> {
     let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
     let id = id.trim();
     (!id.is_empty()).then(|| id.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_counters_read_the_aggregate_line() {
+        let stat = "cpu  100 5 50 800 20 1 2 3 0 0\ncpu0 50 2 25 400 10 0 1 1 0 0\nintr 1 2 3\n";
+        // busy = user+nice+system+irq+softirq+steal; total adds idle and iowait.
+        assert_eq!(cpu_counters(stat), Some((161, 981)));
+        assert_eq!(cpu_counters("cpu  1 2\n"), None);
+        assert_eq!(cpu_counters("cpu0 1 2 3 4\n"), None);
+        assert_eq!(cpu_counters("cpu  1 2 x 4\n"), None);
+    }
+
+    #[test]
+    fn a_kept_open_proc_file_reads_fresh_content_each_time() {
+        let mut stat = ProcFile::open("/proc/stat");
+        let first = cpu_counters(stat.head().expect("/proc/stat")).expect("cpu line");
+        // Burn a little CPU so the counters move.
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(30);
+        while std::time::Instant::now() < until {
+            std::hint::black_box(0u64);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let second = cpu_counters(stat.head().expect("/proc/stat")).expect("cpu line");
+        assert!(
+            second.1 > first.1,
+            "total jiffies moved: {first:?} -> {second:?}"
+        );
+        let mut sampler = Sampler::new();
+        let metrics = sampler.sample().expect("a sample on Linux");
+        assert!(metrics.ram > 0.0 && metrics.ram <= 100.0, "{metrics:?}");
+        assert!(!metrics.load.is_empty());
+    }
 }

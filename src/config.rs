@@ -339,7 +339,7 @@ impl RepoMode {
         let RepoMode::Isolated { url, .. } = self else {
             return None;
         };
-        match reqwest::Url::parse(url) {
+        match url::Url::parse(url) {
             Ok(mut parsed) if parsed.has_host() => {
                 let _ = parsed.set_username("");
                 let _ = parsed.set_password(None);
@@ -429,7 +429,7 @@ pub struct HostIdentity {
 /// Validated settings: everything the rest of the agent needs, typed.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    pub url: reqwest::Url,
+    pub url: url::Url,
     /// Which wire protocol `url` speaks: from its scheme, or forced by `NIXFLEET_PROTOCOL`.
     pub protocol: Protocol,
     pub allow_insecure_http: bool,
@@ -759,7 +759,7 @@ impl Settings {
                  e.g. https://fleet.example.com",
             )
         })?;
-        let mut url: reqwest::Url =
+        let mut url: url::Url =
             url_raw.value.trim().parse().map_err(|e| {
                 ConfigError::invalid("url", url_raw, &format!("not a valid URL ({e})"))
             })?;
@@ -1245,7 +1245,7 @@ fn check_repo_url(raw: &RawValue) -> Result<(), ConfigError> {
                reach the log and the dashboard); use NIXFLEET_SSH_KEY, or a git credential \
                helper or .netrc for root; fix NIXFLEET_REPO_URL";
     if value.contains("://") {
-        let Ok(url) = reqwest::Url::parse(value) else {
+        let Ok(url) = url::Url::parse(value) else {
             return Err(ConfigError::invalid("repo_url", raw, "not a valid URL"));
         };
         let web = matches!(url.scheme(), "http" | "https");

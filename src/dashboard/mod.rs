@@ -8,6 +8,8 @@
 //! [`LinkTraits`] (how a result is tied to its command, whether output streams live), never
 //! from the protocol's name.
 
+mod dial;
+mod http1;
 pub mod tls;
 pub mod v1;
 pub mod v2;

@@ -1,15 +1,22 @@
 //! NixFleet v1 over HTTPS: `POST /api/hosts/{id}/register`, `/status`, `/test-progress`
 //! (contract: `docs/protocol-v1.md`).
 //!
-//! Owns the HTTP client (rustls, connect timeout 5 s, total 30 s, bodies capped at 1 MiB) and the
-//! mapping of v1 answers to [`DashboardError`]. It never logs a token and never puts one in an
-//! error: errors carry the dashboard's own words, which never echo the Authorization header.
+//! Owns the HTTP/1.1 connection ([`super::http1`]: rustls, connect timeout 5 s, each exchange
+//! bounded by `NIXFLEET_HTTP_TIMEOUT`, bodies capped at 1 MiB) and the mapping of v1 answers to
+//! [`DashboardError`]. It never logs a token and never puts one in an error: errors carry the
+//! dashboard's own words, which never echo the Authorization header.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::StatusCode;
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+use hyper::header::{self, HeaderValue};
+use hyper::{StatusCode, Uri};
 use serde::Deserialize;
+use tokio::time::{Instant, timeout_at};
 
+use super::http1::Connection;
 use super::{
     Correlation, DashboardError, Heartbeat, Link, LinkTraits, Outgoing, Reply, Report, StatusReport,
 };
@@ -20,34 +27,37 @@ use crate::text::bounded;
 pub const MAX_REPLY_BYTES: usize = 1024 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The v1 client. Cloning shares the connection pool.
+/// The v1 client. Cloning shares the connection.
 #[derive(Clone, Debug)]
 pub struct V1Client {
-    http: reqwest::Client,
+    connection: Arc<Connection>,
     /// The three endpoints, parsed once: a heartbeat must not re-parse its URL.
-    endpoints: std::sync::Arc<Endpoints>,
-    timeout_secs: u64,
+    endpoints: Arc<Endpoints>,
+    timeout: Duration,
 }
 
-/// `<base>/api/hosts/<host>/{register,status,test-progress}`.
+/// The paths of `<base>/api/hosts/<host>/{register,status,test-progress}`.
 #[derive(Debug)]
 struct Endpoints {
-    register: reqwest::Url,
-    status: reqwest::Url,
-    test_progress: reqwest::Url,
+    register: Uri,
+    status: Uri,
+    test_progress: Uri,
 }
 
 impl Endpoints {
-    fn new(base: &str, hostname: &str) -> anyhow::Result<Self> {
-        let base = base.trim_end_matches('/');
-        let url = |endpoint: &str| {
-            reqwest::Url::parse(&format!("{base}/api/hosts/{hostname}/{endpoint}"))
-                .map_err(|e| anyhow::anyhow!("NIXFLEET_URL: not a usable URL for {endpoint}: {e}"))
+    fn new(base: &url::Url, hostname: &str) -> anyhow::Result<Self> {
+        let base = base.as_str().trim_end_matches('/');
+        let path = |endpoint: &str| -> anyhow::Result<Uri> {
+            let url = url::Url::parse(&format!("{base}/api/hosts/{hostname}/{endpoint}"))
+                .map_err(|e| anyhow::anyhow!("NIXFLEET_URL: no usable URL for {endpoint}: {e}"))?;
+            url[url::Position::BeforePath..]
+                .parse()
+                .map_err(|e| anyhow::anyhow!("NIXFLEET_URL: no usable path for {endpoint}: {e}"))
         };
         Ok(Endpoints {
-            register: url("register")?,
-            status: url("status")?,
-            test_progress: url("test-progress")?,
+            register: path("register")?,
+            status: path("status")?,
+            test_progress: path("test-progress")?,
         })
     }
 }
@@ -75,49 +85,63 @@ struct ErrorBody {
 
 impl V1Client {
     pub fn new(settings: &Settings) -> anyhow::Result<Self> {
-        let tls = super::tls::client_config(settings)?;
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .https_only(!settings.allow_insecure_http)
-            .connect_timeout(CONNECT_TIMEOUT.min(settings.http_timeout))
-            .timeout(settings.http_timeout)
-            .user_agent(concat!("nixfleet-agent/", env!("CARGO_PKG_VERSION")))
-            // The agent talks to one dashboard; following redirects could send the token
-            // elsewhere.
-            .redirect(reqwest::redirect::Policy::none())
-            .pool_max_idle_per_host(1)
-            .build()
-            .map_err(|e| anyhow::anyhow!("failed to build the HTTP client: {e}"))?;
+        let tls = match settings.url.scheme() {
+            "http" if settings.allow_insecure_http => None,
+            "http" => anyhow::bail!(
+                "NIXFLEET_URL {} is plain http; use https or set NIXFLEET_ALLOW_INSECURE_HTTP=1",
+                settings.url
+            ),
+            _ => {
+                let mut config = super::tls::client_config(settings)?;
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Some(Arc::new(config))
+            }
+        };
+        let timeout_secs = settings.http_timeout.as_secs().max(1);
         Ok(V1Client {
-            http,
-            endpoints: std::sync::Arc::new(Endpoints::new(
-                settings.url.as_str(),
-                &settings.host.hostname,
+            connection: Arc::new(Connection::new(
+                settings.url.clone(),
+                tls,
+                CONNECT_TIMEOUT.min(settings.http_timeout),
+                timeout_secs,
             )?),
-            timeout_secs: settings.http_timeout.as_secs().max(1),
+            endpoints: Arc::new(Endpoints::new(&settings.url, &settings.host.hostname)?),
+            timeout: settings.http_timeout,
         })
+    }
+
+    fn timeout_secs(&self) -> u64 {
+        self.timeout.as_secs().max(1)
     }
 
     /// POSTs `body`; returns the reply body of a 2xx answer. With `reply_optional`, a 2xx
     /// whose body cannot be read still counts as delivered (an empty body comes back): the
-    /// dashboard has processed the report, and sending it again would be a duplicate.
+    /// dashboard has processed the report, and sending it again would be a duplicate. The
+    /// request and the reply body share one deadline, `NIXFLEET_HTTP_TIMEOUT` from now.
     async fn post_json<T: serde::Serialize + ?Sized>(
         &self,
-        url: &reqwest::Url,
+        path: &Uri,
         token: &str,
         body: &T,
         reply_optional: bool,
     ) -> Result<Vec<u8>, DashboardError> {
-        let response = self
-            .http
-            .post(url.clone())
-            .bearer_auth(token)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| classify_send_error(e, self.timeout_secs))?;
+        let deadline = Instant::now() + self.timeout;
+        let body = serde_json::to_vec(body)
+            .map_err(|e| DashboardError::BadReply(format!("cannot encode the request: {e}")))?;
+        let mut authorization =
+            HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                DashboardError::Unreachable("the token cannot be sent in a header".into())
+            })?;
+        authorization.set_sensitive(true);
+        let response = timeout_at(
+            deadline,
+            self.connection
+                .post(path, &authorization, Bytes::from(body)),
+        )
+        .await
+        .map_err(|_| DashboardError::Timeout(self.timeout_secs()))??;
         let status = response.status();
-        let body = read_capped(response, self.timeout_secs).await;
+        let body = read_capped(response, deadline, self.timeout_secs()).await;
         match body {
             Ok(body) if status.is_success() => Ok(body),
             Err(_) if status.is_success() && reply_optional => Ok(Vec::new()),
@@ -209,57 +233,46 @@ impl Link for V1Client {
     async fn close(&self) {}
 }
 
-fn classify_send_error(err: reqwest::Error, timeout_secs: u64) -> DashboardError {
-    if err.is_timeout() {
-        return DashboardError::Timeout(timeout_secs);
-    }
-    // reqwest's Display stops at "error sending request"; the cause chain names the real
-    // reason (connection refused, DNS, certificate). URLs carry no secrets here.
-    let mut reason = String::new();
-    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(&err);
-    while let Some(s) = source {
-        reason = s.to_string();
-        source = s.source();
-    }
-    if reason.is_empty() {
-        reason = err.to_string();
-    }
-    let reason = if reason.contains("Connection refused") {
-        "connection refused".to_string()
-    } else {
-        // A TLS or protocol error can quote what the peer sent (a certificate name).
-        bounded(&reason, MAX_MESSAGE)
-    };
-    DashboardError::Unreachable(reason)
-}
-
+/// The reply body, refused past [`MAX_REPLY_BYTES`] (by its announced length first), and
+/// given up at `deadline`.
 async fn read_capped(
-    mut response: reqwest::Response,
+    response: hyper::Response<hyper::body::Incoming>,
+    deadline: Instant,
     timeout_secs: u64,
 ) -> Result<Vec<u8>, DashboardError> {
-    if let Some(len) = response.content_length()
+    let announced = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = announced
         && len > MAX_REPLY_BYTES as u64
     {
         return Err(DashboardError::BadReply(format!(
             "reply of {len} bytes is over the {MAX_REPLY_BYTES}-byte limit"
         )));
     }
-    let mut body = Vec::new();
+    let mut incoming = response.into_body();
+    let mut body = Vec::with_capacity(announced.unwrap_or(0) as usize);
     loop {
-        match response.chunk().await {
-            Ok(Some(chunk)) => {
-                if body.len() + chunk.len() > MAX_REPLY_BYTES {
-                    return Err(DashboardError::BadReply(format!(
-                        "reply is over the {MAX_REPLY_BYTES}-byte limit"
-                    )));
-                }
-                body.extend_from_slice(&chunk);
-            }
+        let frame = match timeout_at(deadline, incoming.frame()).await {
+            Err(_) => return Err(DashboardError::Timeout(timeout_secs)),
             Ok(None) => return Ok(body),
-            Err(e) if e.is_timeout() => {
-                return Err(DashboardError::Timeout(timeout_secs));
+            Ok(Some(Err(e))) => {
+                return Err(DashboardError::BadReply(format!(
+                    "reading the reply: {}",
+                    bounded(&e.to_string(), MAX_MESSAGE)
+                )));
             }
-            Err(e) => return Err(DashboardError::BadReply(format!("reading the reply: {e}"))),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(chunk) = frame.into_data() {
+            if body.len() + chunk.len() > MAX_REPLY_BYTES {
+                return Err(DashboardError::BadReply(format!(
+                    "reply is over the {MAX_REPLY_BYTES}-byte limit"
+                )));
+            }
+            body.extend_from_slice(&chunk);
         }
     }
 }

@@ -13,13 +13,11 @@
 //! (said loudly, backed off); after a successful switch it registers again so the dashboard
 //! completes the switch; it never closes within a second of a `status`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
@@ -83,7 +81,7 @@ enum Sent {
 
 /// Everything the socket task needs, fixed at start.
 struct Dialer {
-    url: reqwest::Url,
+    url: url::Url,
     token: Secret,
     tls: Option<Arc<rustls::ClientConfig>>,
     pong_timeout: Duration,
@@ -357,10 +355,7 @@ enum End {
     },
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-type Socket = WebSocketStream<Box<dyn Io>>;
+type Socket = WebSocketStream<Box<dyn super::dial::Io>>;
 
 struct SocketTask {
     dialer: Dialer,
@@ -747,46 +742,7 @@ async fn close(socket: &mut Socket) -> Result<(), tungstenite::Error> {
 
 impl Dialer {
     async fn dial(&self) -> Result<Socket, DashboardError> {
-        let host = self
-            .url
-            .host_str()
-            .ok_or_else(|| DashboardError::Unreachable("the URL has no host".into()))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let port = self.url.port_or_known_default().unwrap_or(443);
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
-            .await
-            .map_err(|e| DashboardError::Unreachable(format!("cannot resolve {host}: {e}")))?
-            .collect();
-        let mut last = DashboardError::Unreachable(format!("no address for {host}"));
-        let mut tcp = None;
-        for addr in addrs {
-            match tokio::net::TcpStream::connect(addr).await {
-                Ok(stream) => {
-                    tcp = Some(stream);
-                    break;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    last = DashboardError::Unreachable("connection refused".into());
-                }
-                Err(e) => last = DashboardError::Unreachable(e.to_string()),
-            }
-        }
-        let tcp = tcp.ok_or(last)?;
-        let _ = tcp.set_nodelay(true);
-        let stream: Box<dyn Io> = match &self.tls {
-            None => Box::new(tcp),
-            Some(config) => {
-                let name = rustls::pki_types::ServerName::try_from(host.clone())
-                    .map_err(|e| DashboardError::Unreachable(format!("bad host name: {e}")))?;
-                let tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| DashboardError::Unreachable(format!("TLS: {e}")))?;
-                Box::new(tls)
-            }
-        };
+        let stream = super::dial::open(&self.url, self.tls.as_ref()).await?;
         let mut request = self
             .url
             .as_str()

@@ -171,3 +171,148 @@ fn send_error(error: &hyper::Error) -> DashboardError {
     }
     DashboardError::Unreachable(bounded(&reason, MAX_ERROR_TEXT))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// How the test server treats each request it reads.
+    #[derive(Clone, Copy)]
+    enum Serve {
+        /// Answer 200 and keep the connection open.
+        KeepAlive,
+        /// Answer 200, then close the connection.
+        AnswerThenClose,
+        /// Read the request, then close without answering.
+        CloseWithoutAnswer,
+    }
+
+    struct Server {
+        url: url::Url,
+        connections: Arc<AtomicUsize>,
+        requests: Arc<AtomicUsize>,
+    }
+
+    /// A loopback HTTP/1.1 server that counts connections and requests (each request is one
+    /// read of a small POST: enough for these tests).
+    async fn server(serve: Serve) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = url::Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (c, r) = (connections.clone(), requests.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        r.fetch_add(1, Ordering::SeqCst);
+                        if let Serve::CloseWithoutAnswer = serve {
+                            return;
+                        }
+                        let body = br#"{"ok":true}"#;
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                            body.len()
+                        );
+                        let _ = socket.write_all(head.as_bytes()).await;
+                        let _ = socket.write_all(body).await;
+                        if let Serve::AnswerThenClose = serve {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Server {
+            url,
+            connections,
+            requests,
+        }
+    }
+
+    fn connection(url: &url::Url) -> Connection {
+        Connection::new(url.clone(), None, Duration::from_secs(2), 5).unwrap()
+    }
+
+    async fn post(conn: &Connection) -> Result<u16, DashboardError> {
+        let auth = HeaderValue::from_static("Bearer t");
+        let path: Uri = "/api/hosts/h/register".parse().unwrap();
+        let response = conn.post(&path, &auth, Bytes::from_static(b"{}")).await?;
+        let status = response.status().as_u16();
+        // Read the body so the connection is free for the next request.
+        http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap();
+        Ok(status)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn requests_share_one_kept_alive_connection() {
+        let server = server(Serve::KeepAlive).await;
+        let conn = connection(&server.url);
+        for _ in 0..5 {
+            assert_eq!(post(&conn).await.unwrap(), 200);
+        }
+        assert_eq!(server.requests.load(Ordering::SeqCst), 5);
+        assert_eq!(server.connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_the_dashboard_closed_is_replaced_without_an_error() {
+        let server = server(Serve::AnswerThenClose).await;
+        let conn = connection(&server.url);
+        for _ in 0..3 {
+            assert_eq!(post(&conn).await.unwrap(), 200);
+            // Let the connection task see the close, as between two heartbeats.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(server.requests.load(Ordering::SeqCst), 3);
+        assert_eq!(server.connections.load(Ordering::SeqCst), 3);
+        // Without the pause: the close may not be seen yet, and the request still succeeds.
+        assert_eq!(post(&conn).await.unwrap(), 200);
+        assert_eq!(post(&conn).await.unwrap(), 200);
+        assert_eq!(server.requests.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_request_that_may_have_arrived_is_never_sent_twice() {
+        let server = server(Serve::CloseWithoutAnswer).await;
+        let conn = connection(&server.url);
+        let err = post(&conn).await.unwrap_err();
+        assert!(
+            matches!(err, DashboardError::Unreachable(_)),
+            "unexpected error: {err:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(server.requests.load(Ordering::SeqCst), 1, "sent again");
+        assert_eq!(server.connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_refused_connect_says_connection_refused() {
+        // A port nobody listens on.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = url::Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+        drop(listener);
+        let err = post(&connection(&url)).await.unwrap_err();
+        assert_eq!(
+            err,
+            DashboardError::Unreachable("connection refused".into())
+        );
+    }
+}

@@ -617,7 +617,10 @@ impl<L: Link> Agent<L> {
             self.start_next_command();
             self.say_outage_note();
             self.start_request();
-            self.notifier.status(&self.status_line());
+            // Built only for a supervisor that listens (it is a fifth of an idle loop turn).
+            if self.notifier.is_enabled() {
+                self.notifier.status(&self.status_line());
+            }
             self.observe_tick();
             if let Some(code) = self.stop_done() {
                 if self.reboot_after_stop {

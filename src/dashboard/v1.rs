@@ -14,7 +14,7 @@ use http_body_util::BodyExt as _;
 use hyper::header::{self, HeaderValue};
 use hyper::{StatusCode, Uri};
 use serde::Deserialize;
-use tokio::time::{Instant, timeout_at};
+use tokio::time::Instant;
 
 use super::http1::Connection;
 use super::{
@@ -133,15 +133,16 @@ impl V1Client {
                 DashboardError::Unreachable("the token cannot be sent in a header".into())
             })?;
         authorization.set_sensitive(true);
-        let response = timeout_at(
-            deadline,
-            self.connection
-                .post(path, &authorization, Bytes::from(body)),
-        )
-        .await
-        .map_err(|_| DashboardError::Timeout(self.timeout_secs()))??;
+        // One timer for the request and its reply body.
+        let expiry = tokio::time::sleep_until(deadline);
+        tokio::pin!(expiry);
+        let response = tokio::select! {
+            biased;
+            response = self.connection.post(path, &authorization, Bytes::from(body)) => response?,
+            () = &mut expiry => return Err(DashboardError::Timeout(self.timeout_secs())),
+        };
         let status = response.status();
-        let body = read_capped(response, deadline, self.timeout_secs()).await;
+        let body = read_capped(response, expiry, self.timeout_secs()).await;
         match body {
             Ok(body) if status.is_success() => Ok(body),
             Err(_) if status.is_success() && reply_optional => Ok(Vec::new()),
@@ -234,10 +235,10 @@ impl Link for V1Client {
 }
 
 /// The reply body, refused past [`MAX_REPLY_BYTES`] (by its announced length first), and
-/// given up at `deadline`.
+/// given up when `expiry` fires.
 async fn read_capped(
     response: hyper::Response<hyper::body::Incoming>,
-    deadline: Instant,
+    mut expiry: std::pin::Pin<&mut tokio::time::Sleep>,
     timeout_secs: u64,
 ) -> Result<Vec<u8>, DashboardError> {
     let announced = response
@@ -255,16 +256,20 @@ async fn read_capped(
     let mut incoming = response.into_body();
     let mut body = Vec::with_capacity(announced.unwrap_or(0) as usize);
     loop {
-        let frame = match timeout_at(deadline, incoming.frame()).await {
-            Err(_) => return Err(DashboardError::Timeout(timeout_secs)),
-            Ok(None) => return Ok(body),
-            Ok(Some(Err(e))) => {
+        let next = tokio::select! {
+            biased;
+            next = incoming.frame() => next,
+            () = &mut expiry => return Err(DashboardError::Timeout(timeout_secs)),
+        };
+        let frame = match next {
+            None => return Ok(body),
+            Some(Err(e)) => {
                 return Err(DashboardError::BadReply(format!(
                     "reading the reply: {}",
                     bounded(&e.to_string(), MAX_MESSAGE)
                 )));
             }
-            Ok(Some(Ok(frame))) => frame,
+            Some(Ok(frame)) => frame,
         };
         if let Ok(chunk) = frame.into_data() {
             if body.len() + chunk.len() > MAX_REPLY_BYTES {

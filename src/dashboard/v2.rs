@@ -4,9 +4,10 @@
 //! v1: system roots or the CA file, key pinning), sends `register` built from the host's
 //! latest heartbeat, waits for `registered`, then turns the wire into [`LinkEvent`]s (connected,
 //! command, disconnected) and writes what the loop sends, one message at a time. It pings with
-//! each heartbeat (and after 45 s of silence) and declares the peer dead when no frame answers
-//! within the pong timeout; it redials with full-jitter back-off capped like v1. It never logs
-//! the token and never sends `Origin`.
+//! a heartbeat once the dashboard has been quiet for two pong timeouts (and after 45 s of
+//! silence on our side) and declares the peer dead when no frame answers within the pong
+//! timeout; it redials with full-jitter back-off capped like v1. It never logs the token and
+//! never sends `Origin`.
 //!
 //! Dashboard rules it keeps (contract §3.5, §7.6, §7.8): a connection closed with an empty
 //! close frame right after registering was displaced by another agent using the same hostname
@@ -525,6 +526,9 @@ impl SocketTask {
         // A frame written into a connection that then dies is sent again, never lost.
         let mut ack: Option<(u64, oneshot::Sender<Result<(), DashboardError>>)> = None;
         let mut ping_seq: u64 = 0;
+        // When the dashboard last proved alive (any frame from it, a pong included).
+        let mut heard_at = Instant::now();
+        let ping_spacing = self.dialer.pong_timeout * 2;
         loop {
             let keepalive_at = last_sent + KEEPALIVE;
             tokio::select! {
@@ -566,9 +570,14 @@ impl SocketTask {
                             let _ = done.send(Ok(()));
                         }
                         match kind {
-                            Sent::Heartbeat if pong_due.is_none() => {
-                                // Ping with each heartbeat: a dead peer shows within the pong
-                                // timeout, in the same wake-up as the heartbeat.
+                            Sent::Heartbeat
+                                if pong_due.is_none()
+                                    && last_sent.duration_since(heard_at) >= ping_spacing =>
+                            {
+                                // Ping with a heartbeat (the same wake-up) once the dashboard
+                                // has been quiet for two pong timeouts: a dead peer shows within
+                                // an interval plus three pong timeouts, and a short interval
+                                // does not cost a pong's wake-up per heartbeat.
                                 if let Err(e) = socket.send(Message::Ping(Default::default())).await {
                                     return End::Failed(ws_error(e));
                                 }
@@ -586,6 +595,7 @@ impl SocketTask {
                     }
                 },
                 frame = socket.next() => {
+                    heard_at = Instant::now();
                     // Any frame proves the peer alive, unless a result waits for its own Pong.
                     if ack.is_none() {
                         pong_due = None;

@@ -115,7 +115,8 @@ fn v2_dashboard_that_stops_answering_pings_is_left_and_redialed() {
     let agent = h.spawn();
     assert!(registered(&dash));
     dash.set_behaviour(|b| b.withhold_pongs = true);
-    // Pings go with each heartbeat; with no answer in the pong timeout (2 s) the agent redials.
+    // A ping goes with a heartbeat once the dashboard was quiet for two pong timeouts (4 s);
+    // with no answer in the pong timeout (2 s) the agent redials.
     assert!(
         wait_until(T, || dash.messages("register").len() >= 2),
         "never redialed: {}",

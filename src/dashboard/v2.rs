@@ -35,6 +35,8 @@ use crate::config::{Secret, Settings};
 
 /// Largest message we accept from the dashboard; its own messages are a few hundred bytes.
 const MAX_INBOUND: usize = 1024 * 1024;
+/// Bytes read from the socket at a time.
+const READ_BUFFER: usize = 8 * 1024;
 /// Longest `output` line we send (the dashboard closes the socket above 512 KiB).
 pub const MAX_LINE_BYTES: usize = 4096;
 /// Longest `status.message`: the output was streamed already; this is the summary.
@@ -764,7 +766,11 @@ impl Dialer {
         })?;
         value.set_sensitive(true);
         request.headers_mut().insert("Authorization", value);
+        // tungstenite zero-fills its read buffer before each read (128 KiB by default): most
+        // of an idle v2 loop turn's memset. Dashboard messages are small; a bigger one is
+        // still read whole, in more reads.
         let config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
             .max_message_size(Some(MAX_INBOUND))
             .max_frame_size(Some(MAX_INBOUND));
         let (socket, _response) =
